@@ -1,0 +1,157 @@
+"""The `lowbit` command line: one verb per pipeline stage.
+
+Every user error is a LowbitError (or a usage error) printed as one line on
+stderr with exit code 2; nothing is written in that case.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from typer import Abort
+
+try:  # recent typer vendors click under typer._click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import UsageError
+
+from lowbit.errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Quantize Llama-family models to 2-8 bits and measure the loss.")
+
+ModelArg = typer.Argument(None, help="HF model folder (default: the embedded SmolLM2-135M-Instruct).")
+EvalTextOpt = typer.Option(None, "--eval-text", help="UTF-8 text file, or 'wiki' (held-out) / 'botchan'.")
+CalibTextOpt = typer.Option(None, "--calib-text", help="UTF-8 calibration text file (default: wiki calibration split).")
+CtxOpt = typer.Option(512, "--ctx", help="Evaluation context length in tokens.")
+WindowsOpt = typer.Option(32, "--windows", help="Number of evaluation windows of --ctx tokens.")
+StrideOpt = typer.Option(None, "--stride", help="Tokens between window starts (default: --ctx, no overlap).")
+JsonOpt = typer.Option(False, "--json", help="Print a JSON list instead of the table.")
+
+
+def _settings(eval_text, ctx, windows, stride):
+    from lowbit.eval.compare import EvalSettings
+
+    if windows < 1:
+        raise LowbitError(f"--windows {windows}: need at least 1 window")
+    return EvalSettings(eval_text, ctx, windows, stride)
+
+
+def _emit(rows, as_json: bool, title: str) -> None:
+    from lowbit.report.table import dumps, render
+
+    if as_json:
+        print(dumps(rows))
+    else:
+        render(rows, title)
+
+
+@app.command()
+def quantize(
+    model: Optional[str] = ModelArg,
+    method: str = typer.Option("rtn", "--method", help="Quantization method."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight, 2-8."),
+    group_size: int = typer.Option(128, "--group-size", help="32, 64, 128, 256, or -1 for per channel."),
+    asym: bool = typer.Option(False, "--asym", help="Asymmetric grid (integer zero point)."),
+    quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the embedding."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+) -> None:
+    """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json)."""
+    from lowbit.model.default import resolve_model
+    from lowbit.quant.grid import GridConfig
+    from lowbit.quant.methods import QuantConfig
+    from lowbit.quant.pipeline import quantize_checkpoint
+    from lowbit.report.progress import info
+
+    qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym), quantize_embedding, quantize_lm_head)
+    stats = quantize_checkpoint(resolve_model(model), qcfg, output, overwrite)
+    info(f"wrote {output}  ({qcfg.name}, {stats.bpw:.3f} bits/weight over quantized tensors, "
+         f"{stats.bpw_model:.3f} over the model, {stats.seconds:.1f} s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="The FP model it came from (default: embedded model)."),
+    eval_text: Optional[str] = EvalTextOpt,
+    ctx: int = CtxOpt,
+    windows: int = WindowsOpt,
+    stride: Optional[int] = StrideOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measure a quantized checkpoint against its FP model: PPL, KLD (mean, p99), top-1 agreement."""
+    from lowbit.eval.compare import open_session
+    from lowbit.model.default import resolve_model
+    from lowbit.report.table import with_delta
+
+    session = open_session(resolve_model(ref), _settings(eval_text, ctx, windows, stride))
+    rows = with_delta([session.fp_row(), session.score_checkpoint(checkpoint)])
+    _emit(rows, as_json, f"{checkpoint} vs FP on {session.windows.text_name}")
+
+
+@app.command()
+def compare(
+    model: Optional[str] = ModelArg,
+    configs: str = typer.Option("rtn:4:128,rtn:3:128", "--configs",
+                                help="Comma-separated method:bits:group[:sym|asym] strings."),
+    eval_text: Optional[str] = EvalTextOpt,
+    calib_text: Optional[str] = CalibTextOpt,
+    ctx: int = CtxOpt,
+    windows: int = WindowsOpt,
+    stride: Optional[int] = StrideOpt,
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the quantized checkpoints in this folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Quantize MODEL with each config and print one table against the FP model."""
+    from lowbit.eval.compare import compare as run_compare
+    from lowbit.model.default import resolve_model
+    from lowbit.quant.methods import parse_config
+
+    parsed = [parse_config(c) for c in configs.split(",") if c.strip()]
+    if not parsed:
+        raise LowbitError("--configs is empty; pass e.g. rtn:4:128,rtn:3:128")
+    del calib_text  # RTN needs no calibration; calibrated methods read it
+    model_dir = resolve_model(model)
+    rows = run_compare(model_dir, parsed, _settings(eval_text, ctx, windows, stride), keep)
+    _emit(rows, as_json, f"{model_dir.name}: quantized vs FP on {rows[0].eval_text}, ctx {ctx}")
+
+
+@app.command("model-path")
+def model_path() -> None:
+    """Materialise the embedded default model (once) and print its HF folder."""
+    from lowbit.model.default import default_model_dir
+
+    print(default_model_dir())
+
+
+@app.command("text-path")
+def text_path(name: str = typer.Argument("wiki", help="wiki, wiki-calib or botchan")) -> None:
+    """Prepare a built-in text (once) and print its path."""
+    from lowbit.calib.text import resolve_text
+
+    print(resolve_text(name, "wiki"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False, prog_name="lowbit")
+    except LowbitError as exc:
+        print(f"lowbit: error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"lowbit: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Abort):
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

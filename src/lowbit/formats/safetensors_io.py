@@ -1,0 +1,150 @@
+"""Lazy reading and sharded, atomic writing of safetensors, shared by every format.
+
+Readers open shards on demand and validate headers against file sizes; the
+writer flushes a shard whenever the buffer passes `max_shard_bytes`, so a
+quantizer streaming a large model never holds more than one shard of output.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lowbit.errors import LowbitError
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse one shard's header and prove the file holds every byte it promises."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw_len = fh.read(8)
+            if len(raw_len) < 8:
+                raise LowbitError(f"{path}: file is truncated (no safetensors header); re-download it")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > size - 8:
+                raise LowbitError(f"{path}: file is truncated inside its header; re-download it")
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        raise LowbitError(f"{path}: cannot read ({exc.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LowbitError(f"{path}: not a safetensors file (bad header); re-download it") from None
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + header_len + end > size:
+        raise LowbitError(
+            f"{path}: file is truncated ({size} bytes, header needs {8 + header_len + end}); re-download it"
+        )
+    return header
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors shards of a folder, via its index when there is one."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise LowbitError(f"{index}: invalid index ({exc}); re-download it") from None
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise LowbitError(f"{missing[0]}: shard listed in {index.name} is missing; re-download it")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LowbitError(f"{folder}: no *.safetensors weights found; lowbit reads safetensors checkpoints")
+    return files
+
+
+class TensorStore:
+    """Name -> tensor over a folder's shards, read one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for shard in shard_files(folder):
+            for name, info in read_safetensors_header(shard).items():
+                self.files[name] = shard
+                self.dtypes[name] = info["dtype"]
+                self.shapes[name] = tuple(info["shape"])
+        self._handles: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def raw(self, name: str) -> torch.Tensor:
+        """The tensor exactly as stored."""
+        if name not in self.files:
+            raise LowbitError(f"{self.folder}: tensor {name} not found in the safetensors files")
+        shard = self.files[name]
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = self._handles[shard] = safe_open(str(shard), framework="pt")
+        return handle.get_tensor(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Floating tensors as float32, integer ones unchanged."""
+        t = self.raw(name)
+        return t.float() if t.is_floating_point() else t
+
+
+class ShardedWriter:
+    """Buffer tensors and write them as model.safetensors or model-0000k-of-0000N shards plus an index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None):
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = metadata or {"format": "pt"}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+        t = torch.from_numpy(np.ascontiguousarray(tensor)) if isinstance(tensor, np.ndarray) else tensor
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.folder / f".shard-{len(self._written):05d}.safetensors"
+        save_file(self._buffer, str(path), metadata=self.metadata)
+        self._written.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write what is buffered and give shards their final names."""
+        if self._buffer or not self._written:
+            self._flush()
+        n = len(self._written)
+        if n == 1:
+            final = self.folder / "model.safetensors"
+            self._written[0][0].rename(final)
+            return [final]
+        weight_map: dict[str, str] = {}
+        finals = []
+        for k, (path, names) in enumerate(self._written, start=1):
+            final = self.folder / f"model-{k:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            finals.append(final)
+            weight_map.update({nm: final.name for nm in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return finals

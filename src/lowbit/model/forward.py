@@ -1,0 +1,175 @@
+"""A layer-at-a-time Llama forward pass over many sequences at once.
+
+Running every sequence through layer i before touching layer i+1 means only one
+layer's weights are ever in memory, which is what lets lowbit evaluate and
+calibrate models larger than RAM, and what GPTQ/AWQ's sequential pipeline needs
+(the inputs of layer i+1 are the outputs of the *quantized* layer i).
+
+The math is the standard Llama block: RMSNorm, rotary attention with grouped
+KV heads, SwiGLU MLP; it is checked against transformers and llama.cpp in tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.hf import ModelFolder, ModelSpec
+
+
+class WeightSource(Protocol):
+    """Anything that can hand out a model's weights layer by layer (FP folder, quantized checkpoint)."""
+
+    spec: ModelSpec
+    config: dict
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]: ...
+    def embedding(self) -> torch.Tensor: ...
+    def final_norm(self) -> torch.Tensor: ...
+    def lm_head(self) -> torch.Tensor: ...
+
+
+class FolderWeights:
+    """WeightSource over a HF folder, keyed by short names (q, k, ..., attn_norm, q_bias)."""
+
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        self.spec = folder.spec
+        self.config = folder.config
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        f, arch = self.folder, self.spec.arch
+        out = {short: f.get(layer_tensor_name(arch, i, sfx)) for short, sfx in LINEARS + NORMS}
+        if arch.qkv_bias:
+            for short, sfx in LINEARS[:3]:
+                out[f"{short}_bias"] = f.get(layer_tensor_name(arch, i, sfx, "bias"))
+        return out
+
+    def embedding(self) -> torch.Tensor:
+        return self.folder.get(self.spec.arch.embed)
+
+    def final_norm(self) -> torch.Tensor:
+        return self.folder.get(self.spec.arch.final_norm)
+
+    def lm_head(self) -> torch.Tensor:
+        return self.folder.get(self.folder.lm_head_name())
+
+
+@dataclass
+class Rope:
+    cos: torch.Tensor  # [T, head_dim]
+    sin: torch.Tensor
+
+
+def build_rope(config: dict, spec: ModelSpec, seq_len: int) -> Rope:
+    """cos/sin tables for positions 0..seq_len-1, honouring the config's rope scaling type."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = 1.0
+    if rope_type in (None, "default"):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
+    else:
+        inv_freq, scaling = _hf_rope(config, rope_type)
+    pos = torch.arange(seq_len, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return Rope(emb.cos() * scaling, emb.sin() * scaling)
+
+
+def _hf_rope(config: dict, rope_type: str) -> tuple[torch.Tensor, float]:
+    """Scaled rope variants (llama3, linear, yarn, ...) follow transformers' own definitions."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_cfg = AutoConfig.for_model(**config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    var = x.pow(2).mean(-1, keepdim=True)
+    return x * torch.rsqrt(var + eps) * weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    t = x.shape[-2]
+    return x * rope.cos[:t] + _rotate_half(x) * rope.sin[:t]
+
+
+def linear(x: torch.Tensor, w: dict[str, torch.Tensor], short: str) -> torch.Tensor:
+    return F.linear(x, w[short], w.get(f"{short}_bias"))
+
+
+def attention_context(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope: Rope) -> torch.Tensor:
+    """The attention context [B, T, heads*head_dim] that feeds o_proj, for normalised input x."""
+    b, t, _ = x.shape
+    hd = spec.head_dim
+    q = linear(x, w, "q").view(b, t, spec.num_heads, hd).transpose(1, 2)
+    k = linear(x, w, "k").view(b, t, spec.num_kv_heads, hd).transpose(1, 2)
+    v = linear(x, w, "v").view(b, t, spec.num_kv_heads, hd).transpose(1, 2)
+    q, k = _apply_rope(q, rope), _apply_rope(k, rope)
+    rep = spec.num_heads // spec.num_kv_heads
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return att.transpose(1, 2).reshape(b, t, spec.num_heads * hd)
+
+
+Hook = Callable[[str, torch.Tensor], None]
+
+
+def decoder_layer(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope: Rope,
+                  hook: Hook | None = None) -> torch.Tensor:
+    """One decoder block. `hook(short_name, input)` sees the input of every linear (for calibration)."""
+    eps = spec.rms_norm_eps
+    h = rms_norm(x, w["attn_norm"], eps)
+    ctx = attention_context(h, w, spec, rope)
+    x = x + linear(ctx, w, "o")
+    h2 = rms_norm(x, w["ffn_norm"], eps)
+    act = F.silu(linear(h2, w, "gate")) * linear(h2, w, "up")
+    if hook:
+        for short, inp in (("q", h), ("k", h), ("v", h), ("o", ctx), ("gate", h2), ("up", h2), ("down", act)):
+            hook(short, inp)
+    return x + linear(act, w, "down")
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def run_layers(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
+               on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Final-normed hidden states [N, T, H] for token windows [N, T], one layer in memory at a time."""
+    spec = source.spec
+    rope = build_rope(source.config, spec, tokens.shape[1])
+    x = F.embedding(tokens, source.embedding())
+    for i in range(spec.num_layers):
+        w = source.layer(i)
+        for sl in batches(x.shape[0], batch):
+            x[sl] = decoder_layer(x[sl], w, spec, rope)
+        del w
+        if on_layer:
+            on_layer(i)
+    return rms_norm(x, source.final_norm(), spec.rms_norm_eps)
+
+
+@torch.inference_mode()
+def iter_logits(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
+                on_layer: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (window index, float32 logits [T, V]) one window at a time to bound memory."""
+    hidden = run_layers(source, tokens, batch, on_layer)
+    head = source.lm_head()
+    for n in range(hidden.shape[0]):
+        yield n, hidden[n] @ head.T

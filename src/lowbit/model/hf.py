@@ -1,0 +1,134 @@
+"""Read a Hugging Face model folder lazily, one tensor at a time.
+
+Nothing is loaded up front except the safetensors headers, so a quantizer can
+walk a model far larger than RAM layer by layer. Every header is checked
+against its file size before use: a truncated download fails here with the
+file's name, not later with a cryptic deserialisation error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.formats.safetensors_io import TensorStore
+from lowbit.model.arch import LINEARS, NORMS, Arch, arch_for, layer_tensor_name
+
+SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts a forward pass and a quantizer need, normalised across config versions."""
+
+    arch: Arch
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+
+
+def spec_from_config(c: dict[str, Any], arch: Arch, where: Path) -> ModelSpec:
+    """Normalise a config.json dict into the fields lowbit uses, with a clear error for a broken one."""
+    try:
+        heads = int(c["num_attention_heads"])
+        hidden = int(c["hidden_size"])
+        return ModelSpec(
+            arch=arch,
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(c["intermediate_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            bos_token_id=c.get("bos_token_id"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LowbitError(f"{where}: missing or bad field {exc}; fix config.json") from None
+
+
+class ModelFolder:
+    """A HF checkpoint folder: config, tokenizer files and lazily read safetensors shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise LowbitError(f"{self.path}: model folder not found; pass an existing HF model folder")
+        cfg_path = self.path / "config.json"
+        if not cfg_path.is_file():
+            raise LowbitError(f"{cfg_path}: missing; a HF model folder needs config.json")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LowbitError(f"{cfg_path}: invalid JSON ({exc}); fix or re-download it") from None
+        self.arch = arch_for(self.config.get("model_type"), str(cfg_path))
+        self.store = TensorStore(self.path)
+        for name, dtype in self.store.dtypes.items():
+            if dtype not in SUPPORTED_DTYPES and name.endswith("weight"):
+                raise LowbitError(
+                    f"{self.store.files[name]}: tensor {name} has dtype {dtype}; lowbit reads F32, F16 and BF16 "
+                    "checkpoints (dequantize it first)"
+                )
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        spec = self.spec
+        needed = [self.arch.embed, self.arch.final_norm]
+        if not spec.tie_word_embeddings:
+            needed.append(self.arch.lm_head)
+        for i in range(spec.num_layers):
+            needed += [layer_tensor_name(self.arch, i, sfx) for _, sfx in LINEARS + NORMS]
+        for name in needed:
+            if name not in self.store:
+                raise LowbitError(f"{self.path}: tensor {name} is missing from the safetensors files")
+
+    @cached_property
+    def spec(self) -> ModelSpec:
+        return spec_from_config(self.config, self.arch, self.path / "config.json")
+
+    def names(self) -> list[str]:
+        return self.store.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.store.shapes[name]
+
+    def has(self, name: str) -> bool:
+        return name in self.store
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor as float32, read from disk on demand."""
+        return self.store.get(name)
+
+    def layer_linear_names(self, layer: int) -> list[str]:
+        return [layer_tensor_name(self.arch, layer, sfx) for _, sfx in LINEARS]
+
+    def iter_layers(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield each decoder layer's tensors (keyed by full name), one layer in memory at a time."""
+        for i in range(self.spec.num_layers):
+            prefix = f"{self.arch.layer_prefix}.{i}."
+            yield {n: self.get(n) for n in self.store.names() if n.startswith(prefix)}
+
+    def lm_head_name(self) -> str:
+        return self.arch.embed if self.spec.tie_word_embeddings else self.arch.lm_head
+
+    def tokenizer_files(self) -> list[Path]:
+        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "generation_config.json", "chat_template.jinja")
+        return [self.path / n for n in names if (self.path / n).is_file()]
