@@ -60,11 +60,12 @@ class Session:
                    eval_seconds=time.perf_counter() - t0, n_tokens=s.n_tokens, eval_text=self.windows.text_name,
                    extra=extra)
 
-    def score_checkpoint(self, path: Path, config: str | None = None) -> Row:
+    def score_checkpoint(self, path: Path, config: str | None = None, seconds: float = 0.0) -> Row:
+        """Score a checkpoint from disk; `seconds` is the quantization time when the caller measured it."""
         ck = LowbitCheckpoint(path)
         st = ck.meta.get("stats", {})
         return self.score(ck, config or ck.meta.get("config_name", path.name), st.get("bpw", 0.0), ck.size_bytes(),
-                          st.get("seconds", 0.0), st.get("bpw_model"))
+                          seconds, st.get("bpw_model"))
 
 
 def open_session(model_dir: Path, settings: EvalSettings) -> Session:
@@ -85,8 +86,8 @@ def compare(model_dir: Path, configs: list[QuantConfig], settings: EvalSettings,
     try:
         for qcfg in configs:
             out = (keep_dir or work) / qcfg.name.replace(":", "_")
-            quantize_checkpoint(model_dir, qcfg, out, overwrite=True)
-            rows.append(session.score_checkpoint(out, qcfg.name))
+            stats = quantize_checkpoint(model_dir, qcfg, out, overwrite=True)
+            rows.append(session.score_checkpoint(out, qcfg.name, stats.seconds))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return with_delta(rows)

@@ -25,8 +25,17 @@ def check_writable_target(target: Path, overwrite: bool = False) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise LowbitError(f"{target}: {probe} is a file, not a folder; choose a writable output path")
     if not os.access(probe, os.W_OK):
         raise LowbitError(f"{target}: output location is not writable; choose a writable output path")
+
+
+def _make_parent(target: Path) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LowbitError(f"{target}: cannot create its folder ({exc.strerror}); choose a writable path") from None
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -43,7 +52,7 @@ def _replace(tmp: Path, target: Path) -> None:
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes `target` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:
@@ -61,7 +70,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary file path that becomes `target` only if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     except OSError as exc:

