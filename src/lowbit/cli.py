@@ -80,16 +80,19 @@ def eval_cmd(
     checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
     ref: Optional[str] = typer.Option(None, "--ref", help="The FP model it came from (default: embedded model)."),
     eval_text: Optional[str] = EvalTextOpt,
+    calib_text: Optional[str] = CalibTextOpt,
     ctx: int = CtxOpt,
     windows: int = WindowsOpt,
     stride: Optional[int] = StrideOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure a quantized checkpoint against its FP model: PPL, KLD (mean, p99), top-1 agreement."""
+    from lowbit.calib.text import check_disjoint
     from lowbit.eval.compare import open_session
     from lowbit.model.default import resolve_model
     from lowbit.report.table import with_delta
 
+    check_disjoint(eval_text, calib_text)
     session = open_session(resolve_model(ref), _settings(eval_text, ctx, windows, stride))
     rows = with_delta([session.fp_row(), session.score_checkpoint(checkpoint)])
     _emit(rows, as_json, f"{checkpoint} vs FP on {session.windows.text_name}")
@@ -109,6 +112,7 @@ def compare(
     as_json: bool = JsonOpt,
 ) -> None:
     """Quantize MODEL with each config and print one table against the FP model."""
+    from lowbit.calib.text import check_disjoint
     from lowbit.eval.compare import compare as run_compare
     from lowbit.model.default import resolve_model
     from lowbit.quant.methods import parse_config
@@ -116,7 +120,7 @@ def compare(
     parsed = [parse_config(c) for c in configs.split(",") if c.strip()]
     if not parsed:
         raise LowbitError("--configs is empty; pass e.g. rtn:4:128,rtn:3:128")
-    del calib_text  # RTN needs no calibration; calibrated methods read it
+    check_disjoint(eval_text, calib_text)  # RTN needs no calibration; calibrated methods read it
     model_dir = resolve_model(model)
     rows = run_compare(model_dir, parsed, _settings(eval_text, ctx, windows, stride), keep)
     _emit(rows, as_json, f"{model_dir.name}: quantized vs FP on {rows[0].eval_text}, ctx {ctx}")

@@ -129,3 +129,11 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise LowbitError(f"{path}: file is empty; pass a file with real text")
     return text
+
+
+def check_disjoint(eval_arg: str | None, calib_arg: str | None) -> None:
+    """Refuse to evaluate on the calibration text itself: the result would flatter the method."""
+    eval_path = resolve_text(eval_arg, "wiki")
+    calib_path = resolve_text(calib_arg, "wiki-calib")
+    if eval_path.resolve() == calib_path.resolve():
+        raise LowbitError(f"{eval_path}: used as both --eval-text and --calib-text; evaluate on held-out text")

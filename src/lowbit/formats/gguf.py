@@ -344,3 +344,42 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
     write_gguf(out_path, folder.config, tensors, tokenizer_metadata(model_dir), name=model_dir.name,
                file_type=file_type)
     return out_path
+
+
+class GGUFWeights:
+    """WeightSource over any Llama GGUF (any quant type gguf-py can dequantize), in HF layout.
+
+    This is how a peer's GGUF (llama.cpp's own quantizer, say) is scored through
+    exactly the same forward pass and metrics as lowbit's checkpoints.
+    """
+
+    def __init__(self, path: Path):
+        from lowbit.model.arch import arch_for
+        from lowbit.model.hf import spec_from_config
+
+        reader = open_gguf(Path(path))
+        self.config = gguf_config(reader, Path(path))
+        self.spec = spec_from_config(self.config, arch_for("llama", str(path)), Path(path))
+        self.tensors = gguf_tensors(reader, self.config)
+        self.types = {gguf_name_to_hf(t.name)[0]: t.tensor_type.name for t in reader.tensors}
+        self.nbytes = {gguf_name_to_hf(t.name)[0]: int(t.n_bytes) for t in reader.tensors}
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        return {short: self.tensors[f"model.layers.{i}.{sfx}.weight"] for short, sfx in LINEARS + NORMS}
+
+    def embedding(self) -> torch.Tensor:
+        return self.tensors["model.embed_tokens.weight"]
+
+    def final_norm(self) -> torch.Tensor:
+        return self.tensors["model.norm.weight"]
+
+    def lm_head(self) -> torch.Tensor:
+        return self.tensors.get("lm_head.weight", self.embedding())
+
+    def linear_bpw(self) -> float:
+        """Stored bits per weight over the decoder's linear layers (same definition as lowbit's bpw)."""
+        names = [n for n in self.tensors if n.startswith("model.layers.") and n.endswith("proj.weight")]
+        return 8 * sum(self.nbytes[n] for n in names) / sum(self.tensors[n].numel() for n in names)
+
+    def model_bpw(self) -> float:
+        return 8 * sum(self.nbytes.values()) / sum(t.numel() for t in self.tensors.values())
