@@ -29,21 +29,22 @@ from lowbit.model.default import cache_dir, resolve_model  # noqa: E402
 from lowbit.report.table import Row, markdown, with_delta  # noqa: E402
 
 
-def run_child(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process; raises if it fails."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return wall, usage.ru_maxrss / 1024
+def run_child(python: str, script: Path, args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of `python script args` in a child process; raises if it fails."""
+    with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as peak:
+        cmd = [python, str(HERE / "measure.py"), peak.name, str(script), *args]
+        t0 = time.perf_counter()
+        code = subprocess.call(cmd, stdout=log, stderr=log)  # a file, not a pipe: a chatty child never blocks
+        wall = time.perf_counter() - t0
+        if code != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-2000:]}")
+        return wall, int(peak.read() or 0) / 1024
 
 
 def lowbit_row(session, model_dir: Path, config: str, work: Path) -> Row:
     out = work / config.replace(":", "_")
-    wall, rss = run_child([sys.executable, str(HERE / "quantize_one.py"), str(model_dir), config, str(out)])
+    wall, rss = run_child(sys.executable, HERE / "quantize_one.py", [str(model_dir), config, str(out)])
     row = session.score_checkpoint(out, f"lowbit {config}", wall)
     row.extra.update(tool="lowbit", peak_rss_mib=round(rss, 1))
     return row
@@ -51,7 +52,7 @@ def lowbit_row(session, model_dir: Path, config: str, work: Path) -> Row:
 
 def llamacpp_row(session, f32_gguf: Path, qtype: str, work: Path) -> Row:
     out = work / f"llamacpp-{qtype}.gguf"
-    wall, rss = run_child([sys.executable, str(HERE / "peers" / "llamacpp_quantize.py"), str(f32_gguf), str(out), qtype])
+    wall, rss = run_child(sys.executable, HERE / "peers" / "llamacpp_quantize.py", [str(f32_gguf), str(out), qtype])
     weights = GGUFWeights(out)
     row = session.score(weights, f"llama.cpp {qtype}", weights.linear_bpw(), out.stat().st_size, wall,
                         weights.model_bpw(), tool="llama.cpp", peak_rss_mib=round(rss, 1))

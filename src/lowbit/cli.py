@@ -31,6 +31,27 @@ CtxOpt = typer.Option(512, "--ctx", help="Evaluation context length in tokens.")
 WindowsOpt = typer.Option(32, "--windows", help="Number of evaluation windows of --ctx tokens.")
 StrideOpt = typer.Option(None, "--stride", help="Tokens between window starts (default: --ctx, no overlap).")
 JsonOpt = typer.Option(False, "--json", help="Print a JSON list instead of the table.")
+SamplesOpt = typer.Option(128, "--calib-samples", help="Calibration samples (1-4096).")
+SeqlenOpt = typer.Option(2048, "--calib-seqlen", help="Tokens per calibration sample (clamped to the model context).")
+SeedOpt = typer.Option(0, "--seed", help="Seed for drawing calibration samples.")
+ModeOpt = typer.Option("chunk", "--calib-mode", help="chunk (concatenate and cut) or document (one window each).")
+
+
+def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: int, mode: str):
+    """Tokenize the calibration text into the sample matrix and log what was used."""
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.text import resolve_text
+    from lowbit.eval.data import load_tokenizer
+    from lowbit.model.hf import ModelFolder
+    from lowbit.report.progress import info
+
+    cfg = CalibConfig(samples, seqlen, seed, mode)
+    max_ctx = ModelFolder(model_dir).spec.max_position_embeddings
+    calib = build_calibration(load_tokenizer(model_dir), resolve_text(calib_text, "wiki-calib"), cfg, max_ctx)
+    s = calib.summary
+    info(f"calibration: {s['samples']} samples x {s['seqlen']} tokens from {s['file']} "
+         f"({s['tokens']} tokens in {s['documents']} documents, {s['unused_tokens']} unused, seed {s['seed']})")
+    return calib
 
 
 def _settings(eval_text, ctx, windows, stride):
@@ -59,18 +80,36 @@ def quantize(
     asym: bool = typer.Option(False, "--asym", help="Asymmetric grid (integer zero point)."),
     quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the embedding."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ act-order with static groups (no g_idx)."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, a fraction of mean(diag(H))."),
+    calib_text: Optional[str] = CalibTextOpt,
+    calib_samples: int = SamplesOpt,
+    calib_seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    calib_mode: str = ModeOpt,
     output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
 ) -> None:
-    """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json)."""
+    """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json).
+
+    A killed run resumes from its last finished layer when started again with the same arguments.
+    """
+    from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
     from lowbit.quant.grid import GridConfig
-    from lowbit.quant.methods import QuantConfig
+    from lowbit.quant.methods import METHODS, QuantConfig
     from lowbit.quant.pipeline import quantize_checkpoint
     from lowbit.report.progress import info
 
-    qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym), quantize_embedding, quantize_lm_head)
-    stats = quantize_checkpoint(resolve_model(model), qcfg, output, overwrite)
+    qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym), quantize_embedding, quantize_lm_head,
+                       act_order, static_groups, damp)
+    model_dir = resolve_model(model)
+    check_writable_target(output, overwrite)
+    calib = None
+    if METHODS[method].needs_calibration:
+        calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
+    stats = quantize_checkpoint(model_dir, qcfg, output, overwrite, calib=calib)
     info(f"wrote {output}  ({qcfg.name}, {stats.bpw:.3f} bits/weight over quantized tensors, "
          f"{stats.bpw_model:.3f} over the model, {stats.seconds:.1f} s)")
 
@@ -108,6 +147,10 @@ def compare(
     ctx: int = CtxOpt,
     windows: int = WindowsOpt,
     stride: Optional[int] = StrideOpt,
+    calib_samples: int = SamplesOpt,
+    calib_seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    calib_mode: str = ModeOpt,
     keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the quantized checkpoints in this folder."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -115,15 +158,51 @@ def compare(
     from lowbit.calib.text import check_disjoint
     from lowbit.eval.compare import compare as run_compare
     from lowbit.model.default import resolve_model
-    from lowbit.quant.methods import parse_config
+    from lowbit.quant.methods import METHODS, parse_config
 
     parsed = [parse_config(c) for c in configs.split(",") if c.strip()]
     if not parsed:
         raise LowbitError("--configs is empty; pass e.g. rtn:4:128,rtn:3:128")
-    check_disjoint(eval_text, calib_text)  # RTN needs no calibration; calibrated methods read it
+    check_disjoint(eval_text, calib_text)
     model_dir = resolve_model(model)
-    rows = run_compare(model_dir, parsed, _settings(eval_text, ctx, windows, stride), keep)
+    calib = None
+    if any(METHODS[q.method].needs_calibration for q in parsed):
+        calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
+    rows = run_compare(model_dir, parsed, _settings(eval_text, ctx, windows, stride), keep, calib)
     _emit(rows, as_json, f"{model_dir.name}: quantized vs FP on {rows[0].eval_text}, ctx {ctx}")
+
+
+@app.command()
+def imatrix(
+    model: Optional[str] = ModelArg,
+    calib_text: Optional[str] = CalibTextOpt,
+    calib_samples: int = SamplesOpt,
+    calib_seqlen: int = SeqlenOpt,
+    seed: int = SeedOpt,
+    calib_mode: str = ModeOpt,
+    output: Path = typer.Option(..., "-o", "--output", help="Output .gguf (llama.cpp format); a .safetensors "
+                                "twin in lowbit's format is written beside it."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+) -> None:
+    """Compute an importance matrix (mean x^2 per input column of every linear) with the FP model."""
+    from lowbit.calib.imatrix import compute_imatrix
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.formats.imatrix import write_imatrix_gguf, write_imatrix_lowbit
+    from lowbit.model.default import resolve_model
+    from lowbit.report.progress import info
+
+    if output.suffix != ".gguf":
+        raise LowbitError(f"{output}: the imatrix output must end in .gguf")
+    twin = output.with_suffix(".safetensors")
+    check_writable_target(output, overwrite)
+    check_writable_target(twin, overwrite)
+    model_dir = resolve_model(model)
+    calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
+    im = compute_imatrix(model_dir, calib)
+    s = calib.summary
+    write_imatrix_gguf(output, im, [s["file"]], s["samples"], s["seqlen"])
+    write_imatrix_lowbit(twin, im, s)
+    info(f"wrote {output} and {twin} ({len(im)} tensors)")
 
 
 @app.command("model-path")

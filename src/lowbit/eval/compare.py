@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowbit.calib.dataset import CalibSet
 from lowbit.calib.text import resolve_text
 from lowbit.eval.data import EvalWindows, load_tokenizer, make_windows
 from lowbit.eval.reference import Reference, evaluate, get_reference
@@ -78,7 +79,7 @@ def open_session(model_dir: Path, settings: EvalSettings) -> Session:
 
 
 def compare(model_dir: Path, configs: list[QuantConfig], settings: EvalSettings,
-            keep_dir: Path | None = None) -> list[Row]:
+            keep_dir: Path | None = None, calib: CalibSet | None = None) -> list[Row]:
     """FP row plus one row per config, each quantized to a real checkpoint and scored from disk."""
     session = open_session(model_dir, settings)
     rows = [session.fp_row()]
@@ -86,7 +87,7 @@ def compare(model_dir: Path, configs: list[QuantConfig], settings: EvalSettings,
     try:
         for qcfg in configs:
             out = (keep_dir or work) / qcfg.name.replace(":", "_")
-            stats = quantize_checkpoint(model_dir, qcfg, out, overwrite=True)
+            stats = quantize_checkpoint(model_dir, qcfg, out, overwrite=True, calib=calib)
             rows.append(session.score_checkpoint(out, qcfg.name, stats.seconds))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -365,7 +365,9 @@ class GGUFWeights:
         self.nbytes = {gguf_name_to_hf(t.name)[0]: int(t.n_bytes) for t in reader.tensors}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        return {short: self.tensors[f"model.layers.{i}.{sfx}.weight"] for short, sfx in LINEARS + NORMS}
+        from lowbit.model.forward import layer_weights
+
+        return layer_weights(self.tensors.__getitem__, self.spec, i)
 
     def embedding(self) -> torch.Tensor:
         return self.tensors["model.embed_tokens.weight"]

@@ -26,7 +26,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
-from lowbit.model.arch import LINEARS, NORMS, arch_for, layer_tensor_name
+from lowbit.model.arch import arch_for
+from lowbit.model.forward import layer_weights
 from lowbit.model.hf import ModelFolder, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
 
@@ -126,12 +127,7 @@ class LowbitCheckpoint:
 
     # WeightSource
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        arch = self.spec.arch
-        out = {short: self.tensor(layer_tensor_name(arch, i, sfx)) for short, sfx in LINEARS + NORMS}
-        if arch.qkv_bias:
-            for short, sfx in LINEARS[:3]:
-                out[f"{short}_bias"] = self.tensor(layer_tensor_name(arch, i, sfx, "bias"))
-        return out
+        return layer_weights(self.tensor, self.spec, i)
 
     def embedding(self) -> torch.Tensor:
         return self.tensor(self.spec.arch.embed)

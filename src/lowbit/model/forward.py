@@ -33,6 +33,16 @@ class WeightSource(Protocol):
     def lm_head(self) -> torch.Tensor: ...
 
 
+def layer_weights(get: Callable[[str], torch.Tensor], spec: ModelSpec, i: int) -> dict[str, torch.Tensor]:
+    """Layer i's tensors under short names (q, k, ..., attn_norm, q_bias), fetched by full HF name."""
+    arch = spec.arch
+    out = {short: get(layer_tensor_name(arch, i, sfx)) for short, sfx in LINEARS + NORMS}
+    if arch.qkv_bias:
+        for short, sfx in LINEARS[:3]:
+            out[f"{short}_bias"] = get(layer_tensor_name(arch, i, sfx, "bias"))
+    return out
+
+
 class FolderWeights:
     """WeightSource over a HF folder, keyed by short names (q, k, ..., attn_norm, q_bias)."""
 
@@ -42,12 +52,7 @@ class FolderWeights:
         self.config = folder.config
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        f, arch = self.folder, self.spec.arch
-        out = {short: f.get(layer_tensor_name(arch, i, sfx)) for short, sfx in LINEARS + NORMS}
-        if arch.qkv_bias:
-            for short, sfx in LINEARS[:3]:
-                out[f"{short}_bias"] = f.get(layer_tensor_name(arch, i, sfx, "bias"))
-        return out
+        return layer_weights(self.folder.get, self.spec, i)
 
     def embedding(self) -> torch.Tensor:
         return self.folder.get(self.spec.arch.embed)

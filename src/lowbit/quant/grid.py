@@ -143,7 +143,7 @@ def fit_scale_zero(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero for groups laid along the last dim of `w` (any leading shape).
 
-    `clip` (scalar or broadcastable to the group shape) shrinks the range, which
+    `clip` (a scalar, or one ratio per group: shape w.shape[:-1]) shrinks the range, which
     is how AWQ's and the MSE clipping searches reuse this function. Returned
     scales are already float16-representable; zeros are integer-valued floats.
     """
@@ -160,6 +160,25 @@ def fit_scale_zero(
         scale = _fp16_nonzero(scale)
         zero = torch.clamp(torch.round(-wmin / scale), 0, cfg.qmax)
     return _fp16_nonzero(scale), zero
+
+
+def fit_scale_zero_mse(w: torch.Tensor, cfg: GridConfig, importance: torch.Tensor | None = None,
+                       ratios: tuple[float, ...] = tuple(1 - i / 40 for i in range(13))
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like fit_scale_zero, but each group keeps the range shrink that minimises its
+    importance-weighted squared rounding error (importance: one weight per element of the
+    last dim, e.g. diag of the Hessian; None means plain MSE). Ratio 1.0 is min/max.
+    """
+    imp = torch.ones(w.shape[-1]) if importance is None else importance.float()
+    best_s, best_z = fit_scale_zero(w, cfg)
+    best_err = ((w - decode(encode(w, best_s, best_z, cfg), best_s, best_z)).pow(2) * imp).sum(-1)
+    for r in ratios[1:]:
+        s, z = fit_scale_zero(w, cfg, r)
+        err = ((w - decode(encode(w, s, z, cfg), s, z)).pow(2) * imp).sum(-1)
+        better = err < best_err
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_z
 
 
 def _fp16_nonzero(scale: torch.Tensor) -> torch.Tensor:

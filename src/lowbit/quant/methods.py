@@ -1,7 +1,9 @@
 """Which quantization methods exist, and the config string that names a run of one.
 
-A config string is `method:bits:group[:sym|asym]`, e.g. `rtn:4:128` or
-`rtn:3:64:asym`; group `ch` (or -1) means per channel.
+A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
+`rtn:3:64:asym` or `gptq:4:128:act`; group `ch` (or -1) means per channel.
+Flags: `sym` (default) / `asym`, and for GPTQ `act` (act-order with g_idx)
+and `static` (act-order with static groups, no g_idx).
 """
 
 from __future__ import annotations
@@ -12,13 +14,53 @@ from typing import Callable
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant import rtn
+from lowbit.quant import awq, gptq, rtn
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
-QuantizeFn = Callable[[torch.Tensor, object, GridConfig, str], QuantizedTensor]
+QuantizeFn = Callable[[torch.Tensor, object, GridConfig, str, "QuantConfig"], QuantizedTensor]
 
-METHODS: dict[str, QuantizeFn] = {
-    "rtn": rtn.quantize_layer,
+
+@dataclass(frozen=True)
+class Method:
+    """How a method plugs into the layer pipeline.
+
+    `quantize` is the per-linear interface quantize_layer(weight, stats, grid, name);
+    `smooth` (optional) rewrites a whole block first (AWQ's scale folding);
+    the flags say which statistics the calibration pass must gather;
+    `joint` says the method treats output rows independently given the shared
+    input statistic, so linears reading the same input (q/k/v, gate/up) can be
+    quantized as one stacked matrix: the same result, one pass instead of three.
+    """
+
+    quantize: QuantizeFn
+    needs_calibration: bool = False
+    hessian: bool = False
+    activations: bool = False
+    smooth: Callable | None = None
+    joint: bool = False
+
+
+def _rtn(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
+    return rtn.quantize_layer(weight, stats, grid, name)
+
+
+def _gptq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
+    hessian = getattr(stats, "hessian", stats)
+    if hessian is None:
+        raise LowbitError(f"--method gptq needs calibration data (a Hessian) for {name}; pass --calib-text FILE")
+    opts = gptq.GPTQConfig(damp_percent=qcfg.damp_percent, act_order=qcfg.act_order or qcfg.static_groups,
+                           static_groups=qcfg.static_groups)
+    return gptq.quantize_layer(weight, hessian, grid, name, gptq=opts)
+
+
+def _awq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
+    return awq.quantize_layer(weight, stats, grid, name)
+
+
+METHODS: dict[str, Method] = {
+    "rtn": Method(_rtn),
+    "gptq": Method(_gptq, needs_calibration=True, hessian=True, joint=True),
+    "awq": Method(_awq, needs_calibration=True, hessian=True, activations=True, smooth=awq.smooth_block),
 }
 
 
@@ -30,6 +72,9 @@ class QuantConfig:
     grid: GridConfig = GridConfig()
     quantize_embedding: bool = False
     quantize_lm_head: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -40,8 +85,9 @@ class QuantConfig:
     @property
     def name(self) -> str:
         g = "ch" if self.grid.group_size == -1 else str(self.grid.group_size)
-        sym = "" if self.grid.symmetric else ":asym"
-        return f"{self.method}:{self.grid.bits}:{g}{sym}"
+        flags = "" if self.grid.symmetric else ":asym"
+        flags += ":static" if self.static_groups else ":act" if self.act_order else ""
+        return f"{self.method}:{self.grid.bits}:{g}{flags}"
 
     def to_dict(self) -> dict:
         return {
@@ -51,19 +97,23 @@ class QuantConfig:
             "symmetric": self.grid.symmetric,
             "quantize_embedding": self.quantize_embedding,
             "quantize_lm_head": self.quantize_lm_head,
+            "act_order": self.act_order,
+            "static_groups": self.static_groups,
+            "damp_percent": self.damp_percent,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         grid = GridConfig(int(d["bits"]), int(d["group_size"]), bool(d["symmetric"]))
-        return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")))
+        return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
+                   bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)))
 
 
 def parse_config(text: str) -> QuantConfig:
-    """Parse `method:bits:group[:sym|asym]` with errors that name the bad field."""
+    """Parse `method:bits:group[:flag...]` with errors that name the bad field."""
     parts = text.strip().split(":")
-    if not 1 <= len(parts) <= 4 or not parts[0]:
-        raise LowbitError(f"config {text!r}: expected method:bits:group[:sym|asym], e.g. rtn:4:128")
+    if not parts[0]:
+        raise LowbitError(f"config {text!r}: expected method:bits:group[:flags], e.g. rtn:4:128")
     method = parts[0]
     try:
         bits = int(parts[1]) if len(parts) > 1 else 4
@@ -74,7 +124,11 @@ def parse_config(text: str) -> QuantConfig:
         group = -1 if group_text in ("ch", "channel", "-1") else int(group_text)
     except ValueError:
         raise LowbitError(f"config {text!r}: group {group_text!r} must be 32, 64, 128, 256 or ch") from None
-    sym_text = parts[3] if len(parts) > 3 else "sym"
-    if sym_text not in ("sym", "asym"):
-        raise LowbitError(f"config {text!r}: last field must be sym or asym, not {sym_text!r}")
-    return QuantConfig(method, GridConfig(bits, group, sym_text == "sym"))
+    flags = set(parts[3:])
+    unknown = flags - {"sym", "asym", "act", "static"}
+    if unknown:
+        raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; use sym, asym, act, static")
+    if {"act", "static"} & flags and method != "gptq":
+        raise LowbitError(f"config {text!r}: act/static apply to gptq only")
+    return QuantConfig(method, GridConfig(bits, group, "asym" not in flags), act_order="act" in flags,
+                       static_groups="static" in flags)

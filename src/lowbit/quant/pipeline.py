@@ -1,20 +1,48 @@
-"""Quantize a model folder into a lowbit checkpoint, one decoder layer in memory at a time."""
+"""Quantize a model folder into a lowbit checkpoint, one decoder layer in memory at a time.
+
+Calibrated methods follow the sequential recipe of GPTQ's reference and
+llm-compressor: capture the calibration inputs of layer 0, then for each
+layer gather statistics with hooks, quantize it, and run it *quantized* to
+make the next layer's inputs, so each layer sees the error of those before it.
+
+Every finished layer is saved to a `.OUT.partial/` folder beside the output
+(its quantized tensors, then the activations for the next layer, then a
+state file, each replaced atomically). A killed run restarts from the last
+finished layer and produces byte-identical output; the partial folder is
+removed when the checkpoint is complete.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from lowbit import __version__
+from lowbit.calib.dataset import CalibSet
+from lowbit.errors import LowbitError
+from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats.atomic import atomic_dir, check_writable_target
 from lowbit.formats.lowbit_ckpt import LowbitWriter
-from lowbit.model.hf import ModelFolder
-from lowbit.quant.grid import quantize_rtn
-from lowbit.quant.methods import METHODS, QuantConfig
-from lowbit.report.progress import progress
+from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
+from lowbit.model.hf import ModelFolder, ModelSpec
+from lowbit.quant.grid import GridConfig, QuantizedTensor, quantize_rtn
+from lowbit.quant.methods import METHODS, Method, QuantConfig
+from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.report.progress import info, progress
+from lowbit.runtime import single_thread
+
+LINEAR_SHORTS = tuple(short for short, _ in LINEARS)
+FORWARD_BATCH = 8
 
 
 @dataclass
@@ -43,39 +71,202 @@ class QuantStats:
                 "plain_weights": self.plain_weights, "bpw": self.bpw, "bpw_model": self.bpw_model}
 
 
-def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite: bool = False) -> QuantStats:
-    """Write a lowbit checkpoint of `model_dir` quantized with `qcfg` to `out` (atomically)."""
+# ---------------------------------------------------------------- one layer
+
+
+def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor | None, qcfg: QuantConfig,
+                   spec: ModelSpec, rope, names: dict[str, str]) -> dict[str, QuantizedTensor]:
+    """Quantize one decoder layer's linears; `w` is updated in place (AWQ rewrites norms and producers)."""
+    stats = None
+    if method.needs_calibration:
+        assert x is not None
+        stats = LayerStats(hessian=method.hessian, activations=method.activations)
+        for sl in batches(x.shape[0], FORWARD_BATCH):
+            decoder_layer(x[sl], w, spec, rope, hook=stats)
+    with single_thread():
+        if method.smooth:
+            method.smooth(w, stats, qcfg.grid, spec)
+        if method.joint and stats is not None:
+            return _quantize_jointly(method, w, stats, qcfg, names)
+        return {short: method.quantize(w[short], stats.for_linear(short) if stats else None, qcfg.grid,
+                                       names[short], qcfg) for short in LINEAR_SHORTS}
+
+
+def _quantize_jointly(method: Method, w: dict[str, torch.Tensor], stats: LayerStats, qcfg: QuantConfig,
+                      names: dict[str, str]) -> dict[str, QuantizedTensor]:
+    """Quantize each input group's linears stacked row-wise, then split the result back by rows."""
+    out = {}
+    for lead, members in INPUT_GROUPS.items():
+        stacked = torch.cat([w[m] for m in members])
+        qt = method.quantize(stacked, stats.for_linear(lead), qcfg.grid, "+".join(names[m] for m in members), qcfg)
+        row = 0
+        for m in members:
+            n = w[m].shape[0]
+            out[m] = QuantizedTensor(qt.codes[row:row + n].clone(), qt.scales[row:row + n].clone(),
+                                     qt.zeros[row:row + n].clone(), qt.config,
+                                     None if qt.g_idx is None else qt.g_idx.clone())
+            row += n
+    return out
+
+
+def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], qts: dict[str, QuantizedTensor], spec: ModelSpec,
+              rope) -> torch.Tensor:
+    """The next layer's inputs: this layer run with its quantized weights."""
+    deq = dict(w)
+    deq.update({short: qt.dequantize() for short, qt in qts.items()})
+    for sl in batches(x.shape[0], FORWARD_BATCH):
+        x[sl] = decoder_layer(x[sl], deq, spec, rope)
+    return x
+
+
+# ---------------------------------------------------------------- resumable state
+
+
+class PartialRun:
+    """The `.OUT.partial` folder: per-layer results, the latest activations and a state file."""
+
+    def __init__(self, out: Path, key: str):
+        self.dir = out.parent / f".{out.name}.partial"
+        self.key = key
+        self.done = 0
+        state = self.dir / "state.json"
+        if state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("key") == key:
+                self.done = int(saved["done"])
+            else:
+                shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def layer_file(self, i: int) -> Path:
+        return self.dir / f"layer-{i:05d}.safetensors"
+
+    def _replace_save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+    def save_layer(self, i: int, qts: dict[str, QuantizedTensor], w: dict[str, torch.Tensor],
+                   x: torch.Tensor | None) -> None:
+        tensors = {k: v for k, v in w.items() if k not in qts}
+        for short, qt in qts.items():
+            tensors.update({f"{short}.codes": qt.codes, f"{short}.scales": qt.scales, f"{short}.zeros": qt.zeros})
+            if qt.g_idx is not None:
+                tensors[f"{short}.g_idx"] = qt.g_idx
+        self._replace_save(tensors, self.layer_file(i))
+        if x is not None:
+            self._replace_save({"x": x}, self.dir / "acts.safetensors")
+        self.done = i + 1
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({"key": self.key, "done": self.done}))
+        os.replace(tmp, self.dir / "state.json")
+
+    def load_activations(self) -> torch.Tensor | None:
+        path = self.dir / "acts.safetensors"
+        return load_file(str(path))["x"] if self.done and path.is_file() else None
+
+    def load_layer(self, i: int, grid: GridConfig) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
+        t = load_file(str(self.layer_file(i)))
+        qts = {short: QuantizedTensor(t[f"{short}.codes"], t[f"{short}.scales"], t[f"{short}.zeros"], grid,
+                                      t.get(f"{short}.g_idx")) for short in LINEAR_SHORTS}
+        plain = {k: v for k, v in t.items() if "." not in k}
+        return qts, plain
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_key(model_dir: Path, qcfg: QuantConfig, calib: CalibSet | None) -> str:
+    h = hashlib.sha256(json.dumps({**qcfg.to_dict(), "lowbit": __version__}, sort_keys=True).encode())
+    h.update(folder_fingerprint(model_dir).encode())
+    if calib is not None:
+        h.update(calib.tokens.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite: bool = False,
+                        calib: CalibSet | None = None,
+                        after_layer: Callable[[int], None] | None = None) -> QuantStats:
+    """Write a lowbit checkpoint of `model_dir` quantized with `qcfg` to `out` (atomically, resumably)."""
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
-    quantize = METHODS[qcfg.method]
-    stats = QuantStats()
+    method = METHODS[qcfg.method]
+    if method.needs_calibration and calib is None:
+        raise LowbitError(f"--method {qcfg.method} needs calibration text; pass --calib-text FILE")
+    spec = folder.spec
     t0 = time.perf_counter()
-    arch, spec = folder.arch, folder.spec
+    state = PartialRun(out, run_key(model_dir, qcfg, calib if method.needs_calibration else None))
+    if state.done:
+        info(f"resuming {qcfg.name} after layer {state.done - 1} from {state.dir}")
+    x = rope = None
+    if method.needs_calibration:
+        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
+        x = state.load_activations()
+        if x is None:
+            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+    with torch.inference_mode(), progress(f"quantize {qcfg.name}", spec.num_layers) as advance:
+        for _ in range(state.done):
+            advance()
+        for i in range(state.done, spec.num_layers):
+            w = layer_weights(folder.get, spec, i)
+            names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
+            qts = quantize_block(method, w, x, qcfg, spec, rope, names)
+            if x is not None:
+                x = propagate(x, w, qts, spec, rope)
+            state.save_layer(i, qts, w, x)
+            if after_layer:
+                after_layer(i)
+            advance()
+    stats = _assemble(folder, qcfg, out, state, calib if method.needs_calibration else None)
+    state.remove()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _assemble(folder: ModelFolder, qcfg: QuantConfig, out: Path, state: PartialRun,
+              calib: CalibSet | None) -> QuantStats:
+    """Write the final checkpoint from the per-layer results (atomic rename at the end)."""
+    spec, arch = folder.spec, folder.arch
+    stats = QuantStats()
     with atomic_dir(out) as tmp:
         writer = LowbitWriter(tmp, folder)
 
-        def put(name: str, tensor: torch.Tensor, quantize_it: bool, fn=quantize) -> None:
-            if quantize_it and tensor.dim() == 2:
-                qt = fn(tensor, None, qcfg.grid, name)
-                writer.add_quantized(name, qt)
-                stats.quantized_weights += tensor.numel()
-                stats.quantized_bits += qt.storage_bits()
-            else:
-                writer.add_plain(name, tensor)
-                stats.plain_weights += tensor.numel()
+        def put_plain(name: str, tensor: torch.Tensor) -> None:
+            writer.add_plain(name, tensor)
+            stats.plain_weights += tensor.numel()
 
-        rtn = lambda w, _s, g, _n: quantize_rtn(w, g)  # noqa: E731 - embeddings have no calibration
-        put(arch.embed, folder.get(arch.embed), qcfg.quantize_embedding, rtn)
-        linear_names = set(n for i in range(spec.num_layers) for n in folder.layer_linear_names(i))
-        with progress(f"quantize {qcfg.name}", spec.num_layers) as advance:
-            for layer in folder.iter_layers():
-                for name, tensor in layer.items():
-                    put(name, tensor, name in linear_names)
-                advance()
-        put(arch.final_norm, folder.get(arch.final_norm), False)
+        def put_quantized(name: str, qt: QuantizedTensor) -> None:
+            writer.add_quantized(name, qt)
+            stats.quantized_weights += qt.codes.numel()
+            stats.quantized_bits += qt.storage_bits()
+
+        def put_maybe_rtn(name: str, quantize_it: bool) -> None:
+            tensor = folder.get(name)
+            put_quantized(name, quantize_rtn(tensor, qcfg.grid)) if quantize_it else put_plain(name, tensor)
+
+        put_maybe_rtn(arch.embed, qcfg.quantize_embedding)
+        for i in range(spec.num_layers):
+            qts, plain = state.load_layer(i, qcfg.grid)
+            for short, sfx in LINEARS:
+                put_quantized(layer_tensor_name(arch, i, sfx), qts[short])
+            for short, tensor in plain.items():
+                put_plain(_plain_name(spec, i, short), tensor)
+        put_plain(arch.final_norm, folder.get(arch.final_norm))
         if not spec.tie_word_embeddings:
-            put(arch.lm_head, folder.get(arch.lm_head), qcfg.quantize_lm_head, rtn)
-        writer.close({"quant": qcfg.to_dict(), "config_name": qcfg.name, "lowbit_version": __version__,
-                      "source_model": str(model_dir), "stats": stats.to_dict()})
-    stats.seconds = time.perf_counter() - t0
+            put_maybe_rtn(arch.lm_head, qcfg.quantize_lm_head)
+        meta = {"quant": qcfg.to_dict(), "config_name": qcfg.name, "lowbit_version": __version__,
+                "source_model": str(folder.path), "stats": stats.to_dict()}
+        if calib is not None:
+            meta["calibration"] = calib.summary
+        writer.close(meta)
     return stats
+
+
+def _plain_name(spec: ModelSpec, i: int, short: str) -> str:
+    sfx = dict(LINEARS + NORMS)
+    if short.endswith("_bias"):
+        return layer_tensor_name(spec.arch, i, sfx[short.removesuffix("_bias")], "bias")
+    return layer_tensor_name(spec.arch, i, sfx[short])

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Create the isolated venvs used by the peer quantizer scripts in this folder.
+#
+#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|all]   (default: all)
+#
+# Venvs live in benchmarks/.venvs/<name> (git-ignored). Each is skipped when its
+# stamp file (.lowbit-stamp) exists; delete the venv folder to rebuild it.
+# torch is pinned to 2.13.0 (the local CPU wheel) on every pip command line so
+# no dependency can drag in a CUDA build of torch.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENVS="$(cd "$HERE/.." && pwd)/.venvs"
+PY="${PYTHON:-python3}"
+TORCH="torch==2.13.0"
+WHICH="${1:-all}"
+
+mkvenv() {  # $1 = name ; echoes venv path
+    local v="$VENVS/$1"
+    mkdir -p "$VENVS"
+    [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
+    "$v/bin/python" -m pip install -q --upgrade pip wheel >&2
+    "$v/bin/python" -m pip install -q "$TORCH" >&2
+    echo "$v"
+}
+
+setup_llmcompressor() {
+    local v="$VENVS/llmcompressor"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "llmcompressor venv ready: $v"; return; fi
+    v="$(mkvenv llmcompressor)"
+    # llmcompressor 0.14.0.1 pins transformers <= 5.17 itself.
+    "$v/bin/python" -m pip install -q "$TORCH" "llmcompressor==0.14.0.1" safetensors numpy datasets
+    "$v/bin/python" - <<'PY'
+import torch, llmcompressor, transformers, compressed_tensors
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("torch", torch.__version__, "llmcompressor", llmcompressor.__version__,
+      "transformers", transformers.__version__, "compressed-tensors", compressed_tensors.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "llmcompressor venv ready: $v"
+}
+
+setup_gptqmodel() {
+    local v="$VENVS/gptqmodel"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "gptqmodel venv ready: $v"; return; fi
+    v="$(mkvenv gptqmodel)"
+    # gptqmodel 7.6.0 (7.7.0 needs torch>=2.14.1, i.e. a CUDA build). With torch
+    # pinned on the same command line its resolver keeps the CPU torch, so no
+    # --no-deps dance is needed. Its CPU kernels are JIT-compiled on first load
+    # (~5 min on 2 cores, cached in ~/.cache/gptqmodel).
+    "$v/bin/python" -m pip install -q "$TORCH" "gptqmodel==7.6.0" optimum safetensors numpy datasets
+    GPTQMODEL_CPU_WORKERS="${GPTQMODEL_CPU_WORKERS:-2}" "$v/bin/python" - <<'PY'
+import torch, gptqmodel, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("torch", torch.__version__, "gptqmodel", gptqmodel.__version__, "transformers", transformers.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "gptqmodel venv ready: $v"
+}
+
+case "$WHICH" in
+    llmcompressor) setup_llmcompressor ;;
+    gptqmodel) setup_gptqmodel ;;
+    all) setup_llmcompressor; setup_gptqmodel ;;
+    *) echo "usage: $0 [llmcompressor|gptqmodel|all]" >&2; exit 2 ;;
+esac

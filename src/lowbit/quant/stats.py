@@ -1,0 +1,69 @@
+"""Activation statistics gathered from one calibration pass over a decoder layer.
+
+Linears that read the same tensor share one statistic: q/k/v read the
+attention norm's output, gate/up read the MLP norm's output. So a layer has
+four input groups, keyed by their first member, and each statistic is
+computed once per group:
+  * sum of x^2 per input column and a token count (the importance matrix);
+  * the Hessian 2/n * X^T X in float64 (GPTQ), when asked for;
+  * mean |x| per column (AWQ), when asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "q": ("q", "k", "v"),
+    "o": ("o",),
+    "gate": ("gate", "up"),
+    "down": ("down",),
+}
+GROUP_OF: dict[str, str] = {member: lead for lead, members in INPUT_GROUPS.items() for member in members}
+
+
+@dataclass
+class GroupStats:
+    """Statistics of one input group's activations."""
+
+    sumsq: torch.Tensor | None = None  # float64 [in]
+    count: int = 0
+    hessian: torch.Tensor | None = None  # float64 [in, in], scaled 2/n
+    abs_sum: torch.Tensor | None = None  # float64 [in]
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(1, self.count)).float()
+
+
+class LayerStats:
+    """Hook target for decoder_layer: accumulates what the method asked for, per input group."""
+
+    def __init__(self, hessian: bool = False, activations: bool = False):
+        self.want_hessian = hessian
+        self.want_activations = activations
+        self.groups: dict[str, GroupStats] = {g: GroupStats() for g in INPUT_GROUPS}
+
+    def __call__(self, short: str, x: torch.Tensor) -> None:
+        if short not in INPUT_GROUPS:
+            return
+        rows = x.reshape(-1, x.shape[-1])
+        g = self.groups[short]
+        x64 = rows.double()
+        n_old, n_new = g.count, rows.shape[0]
+        g.sumsq = _add(g.sumsq, x64.pow(2).sum(0))
+        if self.want_hessian:
+            # Running mean of 2 x x^T, the GPTQ reference's scaling, kept exact in float64.
+            h_new = x64.T @ x64 * (2.0 / (n_old + n_new))
+            g.hessian = h_new if g.hessian is None else g.hessian * (n_old / (n_old + n_new)) + h_new
+        if self.want_activations:
+            g.abs_sum = _add(g.abs_sum, x64.abs().sum(0))
+        g.count = n_old + n_new
+
+    def for_linear(self, short: str) -> GroupStats:
+        return self.groups[GROUP_OF[short]]
+
+
+def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if acc is None else acc + value
