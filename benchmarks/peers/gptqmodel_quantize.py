@@ -19,9 +19,10 @@ on CPU the kernel is BACKEND.AWQ_TORCH (GPTQ uses BACKEND.GPTQ_TORCH), both for
 the quantize call and for the reload.
 
 Outputs: OUT/native (GPTQModel.save), OUT/dequantized (float32 HF folder), OUT/peer.json.
-Dequantized weights come from reloading OUT/native with GPTQModel.load and pushing
-an identity matrix through every quantized Linear's own forward (y = I W^T, no
-bias in Llama), so they are exactly what the tool's CPU kernel multiplies by;
+Dequantized weights come from reloading OUT/native with GPTQModel.load (float16:
+its CPU torch kernels accept only fp16/bf16) and pushing a float16 identity matrix
+through every quantized Linear's own forward (y = I W^T, no bias in Llama), so
+they are exactly the float16 values the tool's CPU kernel multiplies by;
 for one layer of each shape this is cross-checked against the module's
 dequantize_weight() when it has one (the max difference goes into peer.json).
 Norms and embeddings are taken from the reloaded model (AWQ folds its scales
@@ -76,9 +77,13 @@ def main() -> int:
     del model
 
     # --- reload with the tool's loader; read weights out through its kernels ----
-    qm = GPTQModel.load(str(native), backend=backend, device="cpu", dtype=torch.float32)
+    # Its CPU torch kernels only run in float16/bfloat16: reload in float16 (the
+    # dtype of the saved scales). Tensors the tool kept in float (embedding, norms,
+    # AWQ-rescaled norms included) are read straight from native/*.safetensors so
+    # they are not rounded to float16.
+    qm = GPTQModel.load(str(native), backend=backend, device="cpu", dtype=torch.float16)
     hf = qm.model
-    state = dict(hf.state_dict())
+    state = pc.load_source_state(str(native))
     quantized, shapes, cross = [], {}, {}
     with torch.no_grad():
         for name, mod in hf.named_modules():
@@ -86,8 +91,7 @@ def main() -> int:
                 continue
             quantized.append(name)
             n_in = mod.in_features
-            dt = getattr(mod, "scales", torch.empty(0, dtype=torch.float32)).dtype
-            eye = torch.eye(n_in, dtype=dt if dt.is_floating_point else torch.float32)
+            eye = torch.eye(n_in, dtype=torch.float16)
             w = mod(eye).float().t().contiguous()  # [out, in]
             state[f"{name}.weight"] = w
             suffix = name.split(".")[-1]
@@ -121,7 +125,7 @@ def main() -> int:
         "settings": {
             "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
             "quantize_config": used_cfg,
-            "backend": str(backend), "model_load_dtype": load_dtype,
+            "backend": str(backend), "model_load_dtype": load_dtype, "reload_dtype": "float16",
             "calibration": {"n_samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
                             "batch_size": 1, "source": os.path.abspath(args.calib_tokens)},
             "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS"),

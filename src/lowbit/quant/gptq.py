@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime import single_thread
 from lowbit.quant.grid import (GridConfig, QuantizedTensor, decode, encode, fit_scale_zero, fit_scale_zero_mse,
                                group_view)
 
@@ -121,7 +122,8 @@ def quantize_layer(weight: torch.Tensor, stats: object, config: GridConfig, name
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_cholesky_upper(H, gptq, name)
     importance = torch.diagonal(H).float() if gptq.mse_grid else None
-    codes, scales, zeros = _gptq_loop(W, U, perm, config, gptq.block_size, static, importance)
+    with single_thread():
+        codes, scales, zeros = _gptq_loop(W, U, perm, config, gptq.block_size, static, importance)
 
     inv = torch.argsort(perm)
     g_idx = None

@@ -39,7 +39,6 @@ from lowbit.quant.grid import GridConfig, QuantizedTensor, quantize_rtn
 from lowbit.quant.methods import METHODS, Method, QuantConfig
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
 from lowbit.report.progress import info, progress
-from lowbit.runtime import single_thread
 
 LINEAR_SHORTS = tuple(short for short, _ in LINEARS)
 FORWARD_BATCH = 8
@@ -83,13 +82,12 @@ def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor |
         stats = LayerStats(hessian=method.hessian, activations=method.activations)
         for sl in batches(x.shape[0], FORWARD_BATCH):
             decoder_layer(x[sl], w, spec, rope, hook=stats)
-    with single_thread():
-        if method.smooth:
-            method.smooth(w, stats, qcfg.grid, spec)
-        if method.joint and stats is not None:
-            return _quantize_jointly(method, w, stats, qcfg, names)
-        return {short: method.quantize(w[short], stats.for_linear(short) if stats else None, qcfg.grid,
-                                       names[short], qcfg) for short in LINEAR_SHORTS}
+    if method.smooth:
+        method.smooth(w, stats, qcfg.grid, spec)
+    if method.joint and stats is not None:
+        return _quantize_jointly(method, w, stats, qcfg, names)
+    return {short: method.quantize(w[short], stats.for_linear(short) if stats else None, qcfg.grid,
+                                   names[short], qcfg) for short in LINEAR_SHORTS}
 
 
 def _quantize_jointly(method: Method, w: dict[str, torch.Tensor], stats: LayerStats, qcfg: QuantConfig,
