@@ -103,7 +103,8 @@ def main() -> int:
                 if hasattr(mod, "dequantize_weight"):
                     try:
                         dw = mod.dequantize_weight().float()
-                        if dw.shape != w.shape:
+                        # dequantize_weight() returns [in, out]
+                        if tuple(dw.shape) == (n_in, mod.out_features):
                             dw = dw.t()
                         cross[name] = float((dw[: w.shape[0], : w.shape[1]] - w).abs().max())
                     except Exception as e:  # report, do not fail the run
