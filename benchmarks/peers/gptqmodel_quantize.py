@@ -45,6 +45,11 @@ import peer_common as pc  # noqa: E402
 def main() -> int:
     args = pc.parse_args("GPTQModel").parse_args()
     calib = pc.load_calib(args.calib_tokens)
+    # GPTQModel writes a logs/ folder into the current directory: run from OUT_DIR.
+    args.model, args.out, args.calib_tokens = (os.path.abspath(p) for p in
+                                               (args.model, args.out, args.calib_tokens))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    os.chdir(args.out)
 
     import torch
     import transformers
