@@ -39,7 +39,26 @@ from lowbit.model.hf import ModelFolder  # noqa: E402
 from lowbit.report.table import markdown, with_delta  # noqa: E402
 
 PEER_VENVS = HERE / ".venvs"
-PEER_METHODS = {"llmcompressor": ("gptq", "awq"), "gptqmodel": ("gptq", "awq")}
+# (method, group size): gptqmodel's AWQ refuses 576-wide layers at g128 (its scale search assumes
+# divisibility), so it runs at g64 and is compared with lowbit awq:4:64.
+PEER_METHODS = {"llmcompressor": (("gptq", 128), ("awq", 128)), "gptqmodel": (("gptq", 128), ("awq", 64))}
+
+
+def peer_bpw(info: dict, folder: ModelFolder) -> float:
+    """Bits per weight of a peer's symmetric checkpoint from the group size it used per layer (fp16 scales)."""
+    import re
+
+    per_layer = info.get("group_size_per_layer") or {}
+    bits = numel = 0
+    for group, patterns in per_layer.items():
+        for pattern in patterns:
+            regex = re.escape(pattern).replace(r"\{0\-29\}", r"\d+")
+            for name in folder.names():
+                if re.fullmatch(regex + r"\.weight", name):
+                    out, n_in = folder.shape(name)
+                    bits += out * n_in * 4 + out * -(-n_in // int(group)) * 16
+                    numel += out * n_in
+    return bits / numel if numel else float("nan")
 
 
 def ensure_peer_venv(tool: str) -> Path:
@@ -49,20 +68,20 @@ def ensure_peer_venv(tool: str) -> Path:
     return python
 
 
-def peer_row(session, tool: str, method: str, model_dir: Path, calib_npy: Path, work: Path):
-    out = work / f"{tool}-{method}"
+def peer_row(session, tool: str, method: str, group: int, model_dir: Path, calib_npy: Path, work: Path):
+    out = work / f"{tool}-{method}-{group}"
     python = ensure_peer_venv(tool)
     env_args = ["--model", str(model_dir), "--method", method, "--calib-tokens", str(calib_npy), "--out", str(out),
-                "--bits", "4", "--group-size", "128"]
+                "--bits", "4", "--group-size", str(group)]
     wall, rss = run_child(str(python), HERE / "peers" / f"{tool}_quantize.py", env_args)
     info = json.loads((out / "peer.json").read_text())
-    folder = out / "dequantized"
-    weights = FolderWeights(ModelFolder(folder))
-    row = session.score(weights, f"{tool} {method}", info.get("bpw", 4 + 16 / 128), 0,
-                        info.get("quantize_seconds", wall),
-                        tool=tool, version=info.get("version"), process_seconds=round(wall, 1),
-                        peak_rss_mib=round(rss, 1), unquantized=info.get("unquantized_layers", []),
-                        settings=info.get("settings", {}))
+    weights = FolderWeights(ModelFolder(out / "dequantized"))
+    row = session.score(weights, f"{tool} {method}:4:{group}", peer_bpw(info, session.folder), 0,
+                        info.get("quantize_wall_s", wall), tool=tool,
+                        version=(info.get("versions") or {}).get(tool.replace("llmcompressor", "llmcompressor")),
+                        process_seconds=round(wall, 1), peak_rss_mib=round(rss, 1),
+                        unquantized=info.get("unquantized_layers", []),
+                        group_size_per_layer=info.get("group_size_per_layer"))
     native = out / "native"
     row.size_bytes = sum(f.stat().st_size for f in native.rglob("*.safetensors")) if native.exists() else 0
     return row
@@ -81,7 +100,7 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--configs", default="rtn:4:128,gptq:4:128,gptq:4:128:act,awq:4:128")
+    ap.add_argument("--configs", default="rtn:4:128,gptq:4:128,gptq:4:128:act,awq:4:128,awq:4:64")
     ap.add_argument("--peers", default="llmcompressor,gptqmodel")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--name", default="calibrated_w4g128")
@@ -103,9 +122,9 @@ def main() -> int:
             rows.append(lowbit_row(session, cfg, model_dir, calib_npy, work))
             print(f"done lowbit {cfg}", file=sys.stderr, flush=True)
         for tool in filter(None, args.peers.split(",")):
-            for method in PEER_METHODS[tool]:
+            for method, group in PEER_METHODS[tool]:
                 try:
-                    rows.append(peer_row(session, tool, method, model_dir, calib_npy, work))
+                    rows.append(peer_row(session, tool, method, group, model_dir, calib_npy, work))
                 except Exception as exc:  # a peer that fails is reported, not fatal to the run
                     print(f"{tool} {method} failed: {exc}", file=sys.stderr, flush=True)
                     (results / f"{args.name}.{tool}-{method}.error.txt").write_text(str(exc)[-5000:])

@@ -83,7 +83,7 @@ def test_same_seed_same_bytes(model_dir: Path, tmp_path: Path) -> None:
     b = build_calibration(tok, default_calib_text(), CalibConfig(4, 128, seed=7))
     c = build_calibration(tok, default_calib_text(), CalibConfig(4, 128, seed=8))
     assert a.tokens.equal(b.tokens) and not a.tokens.equal(c.tokens)
-    cfg = parse_config("awq:4:128")
+    cfg = parse_config("gptq:4:128:act")
     quantize_checkpoint(model_dir, cfg, tmp_path / "a", calib=a)
     quantize_checkpoint(model_dir, cfg, tmp_path / "b", calib=b)
     for f in sorted(p.name for p in (tmp_path / "a").iterdir()):

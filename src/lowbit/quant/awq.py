@@ -54,14 +54,17 @@ def fake_quant(w: torch.Tensor, cfg: GridConfig, clip: float | torch.Tensor = 1.
 
 
 def _candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, acfg: AWQConfig):
-    for i in range(acfg.n_grid):
+    """s = 1 (plain RTN, so the search never loses to it), then the exponent grid.
+
+    The grid uses the weight-aware "duo" form x^a / w^(1-a) (AutoAWQ's and
+    llm-compressor's default) or the paper's x^a.
+    """
+    yield 0.0, torch.ones_like(x_mean)
+    for i in range(1, acfg.n_grid):
         a = i / acfg.n_grid
-        forms = [x_mean.pow(a)]
-        if acfg.duo_scaling:
-            forms.append(x_mean.pow(a) / w_mean.pow(1 - a).clamp(min=1e-4))
-        for s in forms:
-            s = s.clamp(min=1e-4)
-            yield a, s / (s.max() * s.min()).sqrt()
+        s = x_mean.pow(a) / w_mean.pow(1 - a).clamp(min=1e-4) if acfg.duo_scaling else x_mean.pow(a)
+        s = s.clamp(min=1e-4)
+        yield a, s / (s.max() * s.min()).sqrt()
 
 
 def output_error(diff: torch.Tensor, gram: torch.Tensor) -> float:
