@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -115,15 +115,6 @@ class ModelFolder:
     def get(self, name: str) -> torch.Tensor:
         """One tensor as float32, read from disk on demand."""
         return self.store.get(name)
-
-    def layer_linear_names(self, layer: int) -> list[str]:
-        return [layer_tensor_name(self.arch, layer, sfx) for _, sfx in LINEARS]
-
-    def iter_layers(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield each decoder layer's tensors (keyed by full name), one layer in memory at a time."""
-        for i in range(self.spec.num_layers):
-            prefix = f"{self.arch.layer_prefix}.{i}."
-            yield {n: self.get(n) for n in self.store.names() if n.startswith(prefix)}
 
     def lm_head_name(self) -> str:
         return self.arch.embed if self.spec.tie_word_embeddings else self.arch.lm_head

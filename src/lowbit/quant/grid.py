@@ -197,11 +197,6 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale.unsqueeze(-1) * (codes.float() - zero.unsqueeze(-1))
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
-    """Quantize then dequantize in one step (what a search loop scores)."""
-    return decode(encode(w, scale, zero, cfg), scale, zero)
-
-
 def from_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: GridConfig, n_in: int,
                 g_idx: torch.Tensor | None = None) -> QuantizedTensor:
     """Assemble a QuantizedTensor from grouped codes [out, ng, g] (or flat [out, in]) and [out, ng] params."""
