@@ -95,6 +95,26 @@ def lowbit_row(session, config: str, model_dir: Path, calib_npy: Path, work: Pat
     return row
 
 
+def write_results(results: Path, args, model_dir: Path, calib, session, rows) -> None:
+    """Write the JSON and markdown now: called after every row, so a killed run keeps what it measured."""
+    rows = with_delta(rows)
+    meta = {"model": model_dir.name, "calibration": calib.summary, "eval_text": session.windows.text_name,
+            "scored_tokens": session.windows.n_scored, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    (results / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
+                                                          indent=2))
+    md = [f"# {args.name}", "",
+          f"Model {meta['model']}; calibration {args.samples} x {args.seqlen} tokens of the Wikipedia calibration "
+          f"split (identical token matrix for every tool); evaluation {meta['scored_tokens']} tokens of held-out "
+          f"Wikipedia at ctx 512; {meta['cpus']} CPUs; {meta['date']}. All rows scored by lowbit's forward pass.",
+          "", markdown(rows), "", "| contender | quantize s (tool's call) | whole process s | peak RSS MiB | notes |",
+          "|---|---|---|---|---|"]
+    for r in rows[1:]:
+        notes = ", ".join(f"{k}={v}" for k, v in r.extra.items() if k in ("version", "unquantized") and v)
+        process = r.extra.get("process_seconds", round(r.seconds, 1))
+        md.append(f"| {r.config} | {r.seconds:.1f} | {process} | {r.extra.get('peak_rss_mib', '')} | {notes} |")
+    (results / f"{args.name}.md").write_text("\n".join(md) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -102,6 +122,7 @@ def main() -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--configs", default="rtn:4:128,gptq:4:128,gptq:4:128:act,awq:4:128,awq:4:64")
     ap.add_argument("--peers", default="llmcompressor,gptqmodel")
+    ap.add_argument("--peer-methods", default="gptq,awq", help="which peer methods to run")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--name", default="calibrated_w4g128")
     args = ap.parse_args()
@@ -120,30 +141,21 @@ def main() -> int:
         np.save(calib_npy, calib.tokens.numpy())
         for cfg in filter(None, args.configs.split(",")):
             rows.append(lowbit_row(session, cfg, model_dir, calib_npy, work))
+            write_results(results, args, model_dir, calib, session, rows)
             print(f"done lowbit {cfg}", file=sys.stderr, flush=True)
         for tool in filter(None, args.peers.split(",")):
             for method, group in PEER_METHODS[tool]:
+                if method not in args.peer_methods.split(","):
+                    continue
                 try:
                     rows.append(peer_row(session, tool, method, group, model_dir, calib_npy, work))
+                    write_results(results, args, model_dir, calib, session, rows)
                 except Exception as exc:  # a peer that fails is reported, not fatal to the run
                     print(f"{tool} {method} failed: {exc}", file=sys.stderr, flush=True)
                     (results / f"{args.name}.{tool}-{method}.error.txt").write_text(str(exc)[-5000:])
                 print(f"done {tool} {method}", file=sys.stderr, flush=True)
-    rows = with_delta(rows)
-    meta = {"model": model_dir.name, "calibration": calib.summary, "eval_text": session.windows.text_name,
-            "scored_tokens": session.windows.n_scored, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
-    (results / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
-                                                          indent=2))
-    md = [f"# {args.name}", "",
-          f"Model {meta['model']}; calibration {args.samples} x {args.seqlen} tokens of the Wikipedia calibration "
-          f"split (identical token matrix for every tool); evaluation {meta['scored_tokens']} tokens of held-out "
-          f"Wikipedia at ctx 512; {meta['cpus']} CPUs; {meta['date']}. All rows scored by lowbit's forward pass.",
-          "", markdown(rows), "", "| contender | quantize s | peak RSS MiB | notes |", "|---|---|---|---|"]
-    for r in rows[1:]:
-        notes = ", ".join(f"{k}={v}" for k, v in r.extra.items() if k in ("version", "unquantized") and v)
-        md.append(f"| {r.config} | {r.seconds:.1f} | {r.extra.get('peak_rss_mib', '')} | {notes} |")
-    (results / f"{args.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    write_results(results, args, model_dir, calib, session, rows)
+    print((results / f"{args.name}.md").read_text())
     return 0
 
 

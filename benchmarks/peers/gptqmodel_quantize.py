@@ -69,7 +69,9 @@ def main() -> int:
                               method="awq", format="gemm")
         backend = BACKEND.AWQ_TORCH
 
-    model = GPTQModel.load(args.model, qcfg, dtype=torch.float32, device="cpu")
+    # AWQ's CPU packing (AwqTorchLinear) accepts only float16/bfloat16 modules.
+    load_as = torch.float16 if args.method == "awq" else torch.float32
+    model = GPTQModel.load(args.model, qcfg, dtype=load_as, device="cpu")
     load_dtype = str(next(model.model.parameters()).dtype)
     in_feats = pc.linear_in_features(model.model)
 
