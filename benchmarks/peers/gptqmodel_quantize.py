@@ -157,12 +157,8 @@ def main() -> int:
         "audit": {"counts": audit["counts"], "not_quantized": audit["not_quantized"]},
         "dequantized_from": "GPTQModel.load(native) then each quantized Linear's forward on an identity matrix",
     }
-    pc.write_peer_json(str(out), payload)
-    (out / "audit_per_layer.json").write_text(json.dumps(audit["per_layer"], indent=1) + "\n")
-    print(json.dumps({k: payload[k] for k in ("tool", "method", "quantize_wall_s", "unquantized_layers_compact",
-                                               "identity_vs_dequantize_weight_maxabs")}, indent=1))
+    pc.finish_run(str(out), payload, audit, ("unquantized_layers_compact", "identity_vs_dequantize_weight_maxabs"))
     print("packed shapes:", json.dumps(shapes))
-    print("audit:", audit["counts"])
     return 0
 
 

@@ -167,11 +167,7 @@ def main() -> int:
         "audit": {"counts": audit["counts"], "not_quantized": audit["not_quantized"]},
         "dequantized_from": "transformers AutoModelForCausalLM + CompressedTensorsConfig(run_compressed=False) on native/",
     }
-    pc.write_peer_json(str(out), payload)
-    (out / "audit_per_layer.json").write_text(json.dumps(audit["per_layer"], indent=1) + "\n")
-    print(json.dumps({k: payload[k] for k in ("tool", "method", "quantize_wall_s", "unquantized_layers_compact",
-                                               "group_size_per_layer")}, indent=1))
-    print("audit:", audit["counts"])
+    pc.finish_run(str(out), payload, audit, ("unquantized_layers_compact", "group_size_per_layer"))
     return 0
 
 

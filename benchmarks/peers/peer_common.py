@@ -184,6 +184,14 @@ def write_peer_json(out_dir: str, payload: dict) -> None:
     (Path(out_dir) / "peer.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def finish_run(out_dir: str, payload: dict, audit: dict, summary_keys: tuple[str, ...]) -> None:
+    """Write peer.json and audit_per_layer.json, then print a short summary for the log."""
+    write_peer_json(out_dir, payload)
+    (Path(out_dir) / "audit_per_layer.json").write_text(json.dumps(audit["per_layer"], indent=1) + "\n")
+    print(json.dumps({k: payload[k] for k in ("tool", "method", "quantize_wall_s", *summary_keys)}, indent=1))
+    print("audit:", audit["counts"])
+
+
 def linear_in_features(model: torch.nn.Module) -> dict[str, int]:
     """Decoder Linear module name -> in_features (lm_head excluded)."""
     return {n: m.in_features for n, m in model.named_modules()
