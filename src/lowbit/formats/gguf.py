@@ -5,8 +5,8 @@ Two directions:
     safetensors, config.json, tokenizer.json). lowbit's embedded default
     model ships only as a GGUF, so this is how it becomes a normal input.
   * `write_gguf` writes a HF-named weight source as GGUF, with the metadata and
-    tokenizer llama.cpp needs. This issue writes F32/F16 tensors; quantized
-    block types plug into the same writer.
+    tokenizer llama.cpp needs: float tensors, or block-quantized rows made by
+    lowbit.quant.ggml_blocks (see lowbit.quant.gguf_pipeline).
 
 llama.cpp stores attn_q / attn_k rows permuted so that each head's two rotary
 halves are interleaved; `permute_qk` / `unpermute_qk` convert between layouts.
@@ -266,12 +266,37 @@ def _detect_pre(pre_tok: dict | None, where: Path) -> str:
     raise LowbitError(f"{where}: pre-tokenizer {kinds} has no known llama.cpp name; GGUF export cannot map it")
 
 
-GGUF_FILE_TYPE = {"F32": 0, "F16": 1}
+def gguf_tensor_order(spec: Any) -> list[str]:
+    """HF names in the order lowbit writes a GGUF: embedding, each layer in numeric order, final norm, head.
+
+    llama.cpp's mixes count attn_v / ffn_down tensors in file order, so the order
+    is fixed (and the same for lowbit's F32 and quantized files) to make type
+    choices comparable tensor by tensor.
+    """
+    from lowbit.model.arch import layer_tensor_name
+
+    arch = spec.arch
+    names = [arch.embed]
+    for i in range(spec.num_layers):
+        for short in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down"):
+            names.append(layer_tensor_name(arch, i, HF_SUFFIX[short]))
+            if arch.qkv_bias and short in ("q", "k", "v"):
+                names.append(layer_tensor_name(arch, i, HF_SUFFIX[short], "bias"))
+    names.append(arch.final_norm)
+    if not spec.tie_word_embeddings:
+        names.append(arch.lm_head)
+    return names
 
 
 def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any], tok_meta: dict[str, Any],
-               name: str = "lowbit", file_type: str = "F32") -> None:
-    """Write a llama GGUF. `tensors()` yields (hf_name, float32 tensor, ggml type name) lazily."""
+               name: str = "lowbit", file_type: int = 0) -> None:
+    """Write a llama GGUF atomically.
+
+    `tensors()` yields (hf_name, data, ggml type name) lazily: a float tensor for
+    F32/F16, or for a block type the uint8 rows [out, bytes_per_row] in HF row
+    order (q/k rows are permuted here, which moves whole rows and so never
+    touches a block).
+    """
     import gguf
 
     from lowbit.formats.atomic import atomic_file
@@ -280,15 +305,20 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
         w = gguf.GGUFWriter(str(tmp), "llama")
         _write_llama_metadata(w, config, name)
         _write_tokenizer(w, tok_meta)
-        w.add_file_type(GGUF_FILE_TYPE.get(file_type, 0))
+        w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-        for hf_name, tensor, qtype in tensors():
-            arr = tensor.float().numpy()
+        for hf_name, data, qtype in tensors():
+            quantized = qtype not in ("F32", "F16")
+            arr = np.asarray(data, dtype=np.uint8) if quantized else data.float().numpy()
             if hf_name.endswith("q_proj.weight"):
                 arr = permute_qk(arr, heads)
             elif hf_name.endswith("k_proj.weight"):
                 arr = permute_qk(arr, kv)
+            if quantized:
+                w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr),
+                             raw_dtype=gguf.GGMLQuantizationType[qtype])
+                continue
             if qtype == "F16" and arr.ndim == 2:
                 arr = arr.astype(np.float16)
             w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr))
@@ -336,13 +366,12 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
     folder = ModelFolder(model_dir)
 
     def tensors():
-        for name in folder.names():
-            if name == "lm_head.weight" and folder.spec.tie_word_embeddings:
-                continue
-            yield name, folder.get(name), file_type
+        for name in gguf_tensor_order(folder.spec):
+            tensor = folder.get(name)
+            yield name, tensor, file_type if tensor.dim() == 2 else "F32"
 
     write_gguf(out_path, folder.config, tensors, tokenizer_metadata(model_dir), name=model_dir.name,
-               file_type=file_type)
+               file_type={"F32": 0, "F16": 1}[file_type])
     return out_path
 
 

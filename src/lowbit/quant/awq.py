@@ -19,6 +19,7 @@ Smoothing groups (producer -> consumers):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -72,23 +73,34 @@ def output_error(diff: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((diff @ gram) * diff).sum())
 
 
+FakeQuant = Callable[[torch.Tensor], torch.Tensor]
+
+
 def search_scale(weights: list[torch.Tensor], gram: torch.Tensor, x_mean: torch.Tensor, cfg: GridConfig,
-                 acfg: AWQConfig) -> tuple[torch.Tensor, float]:
-    """Per-input-channel scale minimising the concatenated output error over all calibration tokens."""
+                 acfg: AWQConfig, fakes: list[FakeQuant] | None = None) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scale minimising the concatenated output error over all calibration tokens.
+
+    `fakes` (one per weight) quantize-dequantize on the grid each weight will
+    really be stored on (a GGUF block type, say); by default lowbit's grid `cfg`.
+    """
+    fakes = fakes or [lambda t: fake_quant(t, cfg)] * len(weights)
     w = torch.cat(weights, 0)
     w_mean = group_view(w.abs(), cfg)
     w_mean = ungroup(w_mean / w_mean.amax(-1, keepdim=True).clamp(min=1e-8), w.shape[1]).mean(0)
     best_err, best_s, best_a = float("inf"), torch.ones_like(x_mean), 0.0
     for a, s in _candidate_scales(x_mean, w_mean, acfg):
-        err = output_error(w - fake_quant(w * s, cfg) / s, gram)
+        deq = torch.cat([fq(wi * s) for fq, wi in zip(fakes, weights)], 0)
+        err = output_error(w - deq / s, gram)
         if err < best_err:
             best_err, best_s, best_a = err, s, a
     return best_s, best_a
 
 
 def smooth_block(w: dict[str, torch.Tensor], stats: LayerStats, cfg: GridConfig, spec: ModelSpec,
-                 acfg: AWQConfig = AWQConfig()) -> dict[str, float]:
-    """Fold searched scales into `w` in place (FP function unchanged); returns the chosen exponent per group."""
+                 acfg: AWQConfig = AWQConfig(), fakes: dict[str, FakeQuant] | None = None) -> dict[str, float]:
+    """Fold searched scales into `w` in place (FP function unchanged); returns the chosen exponent per group.
+
+    `fakes` maps a linear's short name to its fake quantizer when it is not `cfg`'s grid."""
     chosen = {}
     for producer, consumers, group in SMOOTHING:
         if producer == "v" and spec.num_heads != spec.num_kv_heads:
@@ -96,7 +108,8 @@ def smooth_block(w: dict[str, torch.Tensor], stats: LayerStats, cfg: GridConfig,
         g = stats.groups[group]
         if g.hessian is None:
             continue
-        s, a = search_scale([w[c] for c in consumers], g.hessian.float(), g.mean_abs(), cfg, acfg)
+        s, a = search_scale([w[c] for c in consumers], g.hessian.float(), g.mean_abs(), cfg, acfg,
+                            [fakes[c] for c in consumers] if fakes else None)
         for c in consumers:
             w[c] = w[c] * s
         if producer in ("attn_norm", "ffn_norm"):

@@ -151,6 +151,10 @@ class PartialRun:
             tensors.update({f"{short}.codes": qt.codes, f"{short}.scales": qt.scales, f"{short}.zeros": qt.zeros})
             if qt.g_idx is not None:
                 tensors[f"{short}.g_idx"] = qt.g_idx
+        self.save_tensors(i, tensors, x)
+
+    def save_tensors(self, i: int, tensors: dict[str, torch.Tensor], x: torch.Tensor | None) -> None:
+        """Layer i's results, then the next layer's inputs, then the state: each replaced atomically."""
         self._replace_save(tensors, self.layer_file(i))
         if x is not None:
             self._replace_save({"x": x}, self.dir / "acts.safetensors")
@@ -164,11 +168,14 @@ class PartialRun:
         return load_file(str(path))["x"] if self.done and path.is_file() else None
 
     def load_layer(self, i: int, grid: GridConfig) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
-        t = load_file(str(self.layer_file(i)))
+        t = self.load_tensors(i)
         qts = {short: QuantizedTensor(t[f"{short}.codes"], t[f"{short}.scales"], t[f"{short}.zeros"], grid,
                                       t.get(f"{short}.g_idx")) for short in LINEAR_SHORTS}
         plain = {k: v for k, v in t.items() if "." not in k}
         return qts, plain
+
+    def load_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.layer_file(i)))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Bridges to other tools, used to compare lowbit against them and to check its files with them."""

@@ -1,0 +1,179 @@
+"""Which ggml type each tensor of a Llama GGUF gets, for llama.cpp's named file types.
+
+A GGUF "file type" such as Q4_K_M is a mix: a default block type plus
+per-tensor promotions (attn_v and ffn_down get more bits in some layers, the
+tied embedding / output gets Q6_K or Q8_0), then a shape fallback for tensors
+whose row width is not a multiple of the type's block (SmolLM2's 576-wide rows
+cannot hold 256-element K-quant super-blocks, so they drop to the legacy
+32-element type llama.cpp picks). lowbit reproduces llama.cpp's choices
+exactly, so a lowbit Q4_K_M is the same shape and size as llama.cpp's Q4_K_M
+and the two can be compared file for file. `--tensor-type REGEX=TYPE`
+overrides the mix for matching tensors, as llama-quantize's option does.
+
+The rules below are re-stated from llama.cpp's `llama_tensor_get_type` for the
+dense (non-MoE, non-Falcon, non-IQ) Llama family this project handles.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lowbit.errors import LowbitError
+
+# llama.cpp file type -> (default block type, llama_ftype id written as general.file_type)
+FILE_TYPES: dict[str, tuple[str, int]] = {
+    "F32": ("F32", 0), "F16": ("F16", 1),
+    "Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q8_0": ("Q8_0", 7), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
+    "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11), "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13),
+    "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
+    "Q6_K": ("Q6_K", 18),
+}
+BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+BLOCK_SIZE = {"F32": 1, "F16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
+              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+# What llama.cpp falls back to when a row is not a multiple of the type's block.
+SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One weight of the GGUF, by its llama.cpp name, with its row width (ne[0])."""
+
+    name: str
+    n_cols: int
+    ndim: int = 2
+
+
+def parse_file_type(name: str) -> str:
+    key = name.strip().upper()
+    if key not in FILE_TYPES:
+        raise LowbitError(f"--type {name!r} is not a GGUF file type lowbit writes; choose one of: "
+                          f"{', '.join(FILE_TYPES)}")
+    return key
+
+
+def parse_overrides(specs: list[str] | None) -> list[tuple[re.Pattern, str]]:
+    """`REGEX=TYPE` strings (llama-quantize's --tensor-type) -> compiled (pattern, block type) pairs."""
+    out = []
+    for spec in specs or []:
+        pattern, sep, qtype = spec.rpartition("=")
+        qtype = qtype.strip().upper()
+        if not sep or not pattern:
+            raise LowbitError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. 'attn_v=Q8_0'")
+        if qtype not in BLOCK_TYPES:
+            raise LowbitError(f"--tensor-type {spec!r}: {qtype} is not a block type; choose one of: "
+                              f"{', '.join(BLOCK_TYPES)}")
+        try:
+            out.append((re.compile(pattern), qtype))
+        except re.error as e:
+            raise LowbitError(f"--tensor-type {spec!r}: bad regular expression ({e})") from None
+    return out
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """The layers llama.cpp favours: the first and last eighth, and every third in between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _category(name: str) -> str:
+    if name in ("output.weight",):
+        return "output"
+    if name == "token_embd.weight":
+        return "token_embd"
+    for key in ("attn_v", "attn_k", "attn_q", "attn_output", "ffn_up", "ffn_gate", "ffn_down"):
+        if f"{key}.weight" in name or (key.startswith("ffn_") and key in name):
+            return key
+    return "other"
+
+
+class _MixState:
+    """Counters llama.cpp advances as it walks the tensors in file order."""
+
+    def __init__(self, n_attn_v: int, n_layer: int, tied: bool):
+        self.i_attn_v = 0
+        self.n_attn_v = n_attn_v
+        self.i_ffn_down = 0
+        self.n_layer = n_layer
+        self.tied = tied
+
+
+def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState, n_gqa: int,
+              has_imatrix: bool) -> str:
+    """The per-category promotion of one tensor (before the shape fallback)."""
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        if info.n_cols % BLOCK_SIZE[qtype] != 0:
+            return "Q8_0"
+        return qtype if qtype == "Q8_0" else "Q6_K"
+    if cat == "token_embd":
+        return qtype
+    if cat == "attn_v":
+        i = st.i_attn_v
+        st.i_attn_v += 1
+        if ftype == "Q2_K":
+            return "Q4_K" if n_gqa >= 4 else "Q3_K"
+        if ftype == "Q3_K_M":
+            return "Q5_K" if i < 2 else "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(i, st.n_attn_v):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and i < 4:
+            return "Q5_K"
+        return qtype
+    if cat == "ffn_down":
+        i, n = st.i_ffn_down, st.n_layer
+        st.i_ffn_down += 1
+        if ftype == "Q2_K":
+            return "Q3_K"
+        if ftype == "Q3_K_M":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        if ftype == "Q3_K_L":
+            return "Q5_K"
+        if ftype == "Q4_K_M":
+            return "Q6_K" if _more_bits(i, n) else qtype
+        if ftype == "Q5_K_M" and _more_bits(i, n):
+            return "Q6_K"
+        if ftype == "Q4_K_S" and i < n // 8:
+            return "Q5_K"
+        if ftype in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
+            return "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        return qtype
+    if cat == "attn_output":
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, qtype)
+    return qtype
+
+
+def _shape_fallback(qtype: str, n_cols: int) -> str:
+    if n_cols % BLOCK_SIZE[qtype] == 0:
+        return qtype
+    fallback = SHAPE_FALLBACK.get(qtype, qtype)
+    return fallback if n_cols % BLOCK_SIZE[fallback] == 0 else "F16"
+
+
+def quantizable(info: TensorInfo) -> bool:
+    """llama.cpp quantizes 2-D `*.weight` tensors except norms."""
+    return info.ndim >= 2 and info.name.endswith(".weight") and "_norm" not in info.name
+
+
+def choose_types(tensors: list[TensorInfo], file_type: str, n_layer: int, n_gqa: int, has_imatrix: bool = False,
+                 overrides: list[tuple[re.Pattern, str]] | None = None) -> dict[str, str]:
+    """Block type of every tensor (in file order, which the attn_v / ffn_down counters depend on)."""
+    ftype = parse_file_type(file_type)
+    default = FILE_TYPES[ftype][0]
+    cats = {t.name: _category(t.name) for t in tensors}
+    st = _MixState(sum(c == "attn_v" for c in cats.values()), n_layer,
+                   tied=not any(c == "output" for c in cats.values()))
+    types = {}
+    for t in tensors:
+        if not quantizable(t):
+            types[t.name] = "F32"
+            continue
+        if default in ("F32", "F16"):
+            types[t.name] = default
+            continue
+        manual = next((q for p, q in overrides or [] if p.search(t.name)), None)
+        # As in llama.cpp, a manual override skips the mix rule, and with it the counters' advance.
+        qtype = manual or _mix_rule(ftype, default, t, cats[t.name], st, n_gqa, has_imatrix)
+        types[t.name] = _shape_fallback(qtype, t.n_cols) if qtype not in ("F32", "F16") else qtype
+    return types
