@@ -1,0 +1,847 @@
+"""llama.cpp's block quantization types, vectorised in numpy and bit-compatible with ggml.
+
+Ten types: the legacy Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks) and the
+k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks). Each is a small
+`BlockType` subclass that knows four things: how llama.cpp searches the block
+parameters (`fit`), how it rounds the weights once those are fixed (`codes`),
+what one code is worth (`effective`), and the exact ggml byte layout
+(`pack`/`unpack`). Everything runs over all blocks of a tensor at once.
+
+Reproducing ggml bit for bit
+----------------------------
+ggml-quants.c is plain C compiled without fast-math or FMA contraction, so each
+`a*b + c` is two float32 roundings and every sum is accumulated element by
+element in index order. This module does the same: products are vectorised
+(one IEEE float32 rounding each, like C), and every accumulation goes through
+`seq_sum`, a Python loop over the 16/32/256 summed elements with vector adds
+across all blocks, so the partial sums round exactly as the C loop's do.
+`nearest_int` is ggml's own 12582912 trick (round half to even, with its
+out-of-range wrap-around), fp16 conversion is round-to-nearest-even like
+GGML_FP32_TO_FP16, and integer stores into uint8/int8 fields wrap like C.
+
+Which search runs (as in ggml's `quantize_<type>` dispatch):
+  * importance None: the `quantize_row_<type>_ref` path that `llama_model_quantize`
+    uses without an imatrix (make_qkx2 for Q2_K/Q4_K/Q5_K, make_q3 for Q3_K,
+    make_qx for Q6_K, max/min formulas for the legacy types);
+  * importance given (the imatrix column means of x^2 for this tensor): the
+    `quantize_row_<type>_impl` path (make_qkx3 + make_qp for Q2_K/Q4_K/Q5_K,
+    weighted make_qx for Q3_K/Q6_K/Q4_0/Q5_0, make_qkx3 for Q4_1/Q5_1).
+    Q8_0 ignores the imatrix, as llama.cpp does. The legacy impl paths weight
+    by sigma2 = mean x^2 over the whole row, so fitting column slices of a
+    legacy type with an importance is not the same as fitting the full rows
+    (k-quants only look inside their own 256-element block).
+
+Parameters and codes
+--------------------
+`fit` returns the block header fields, each shaped [rows, n_blocks, ...]:
+``d`` (and ``dmin`` / ``m``) as float16, plus per-sub-block ``scales`` (and
+``mins``) as the small integers stored in the block (Q3_K: unsigned 6-bit,
+effective scale d*(s-32); Q6_K: int8). It also returns ``search_codes``
+(uint8 [rows, n_blocks, block]): the codes llama.cpp's search produced before
+any re-rounding. `codes(w, params)` is llama.cpp's final rounding: k-quants
+re-round every weight against the stored (fp16-derived) sub-block scale and
+keep the search codes only where that scale is exactly 0 (ggml's
+``if (!d) continue;``); legacy types never re-round in llama.cpp (their codes
+come from the unrounded float32 scale), so their final codes *are*
+``search_codes``. Without ``search_codes`` (params from `unpack`, or built by a
+caller) `codes` rounds to the nearest level of the stored grid and uses code
+`zero` where a scale is 0.
+
+Codes are uint8 in [qmin, qmax]; a weight dequantizes as
+``scale * (code - zero) + bias`` with the (scale, bias) of `effective`, which is
+bit-identical to ``gguf.quants.dequantize`` (and ggml's dequantize_row_*) for
+every code. Symmetric types get bias -0.0, which leaves every float32 unchanged.
+Q8_0 stores its int8 value q as code q + 128.
+
+Residual differences
+--------------------
+None are known for finite inputs: the tests compare every block against
+llama.cpp's own quantizer, with and without an imatrix. Signed-zero choices
+in min/max over blocks containing both +0.0 and -0.0 follow numpy's reduction
+rather than ggml's first-seen rule; they can only flip the sign bit of an
+fp16 zero.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+F32 = np.float32
+QK_K = 256
+GROUP_MAX_EPS = F32(1e-15)
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves round-half-even(x) in the low mantissa bits
+
+
+# ---------------------------------------------------------------- C float / int semantics
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int: round half to even via float32 + 12582912, as int32 (wraps like C outside +-2**22)."""
+    bits = (np.asarray(v, dtype=F32) + _MAGIC).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def c_trunc(v: np.ndarray) -> np.ndarray:
+    """C float -> int conversion (truncation toward zero) for in-range values."""
+    with np.errstate(invalid="ignore"):
+        return np.trunc(v).astype(np.int32)
+
+
+def c_roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) as int32; computed without the x+0.5 rounding trap."""
+    t = np.trunc(v)
+    return np.where(np.abs(v - t) >= F32(0.5), t + np.sign(v), t).astype(np.int32)
+
+
+def as_uint8(v: np.ndarray) -> np.ndarray:
+    """Store an int into a C uint8_t (modulo 256)."""
+    return (np.asarray(v).astype(np.int64) & 0xFF).astype(np.uint8)
+
+
+def as_int8(v: np.ndarray) -> np.ndarray:
+    """Store an int into a C int8_t (two's complement wrap)."""
+    return as_uint8(v).view(np.int8)
+
+
+def to_fp16(v: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16: round to nearest even (overflow to inf)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16)
+
+
+def seq_sum(terms: np.ndarray, first: bool = False) -> np.ndarray:
+    """Sum over axis 0 in index order with one float32 rounding per addition.
+
+    Mirrors a C loop ``float s = 0; for (i...) s += t[i];`` (or, with first=True,
+    ``float s = t[0]; for (i = 1...)``) for every lane of axis 1.. at once.
+    """
+    acc = terms[0].astype(F32, copy=True) if first else np.zeros(terms.shape[1:], F32) + terms[0]
+    for t in terms[1:]:
+        acc += t
+    return acc
+
+
+def signed_absmax(x: np.ndarray) -> np.ndarray:
+    """Per lane, the first element of largest magnitude; +0 when all are zero.
+
+    ggml: ``amax = 0; for (...) if (ax > amax) { amax = ax; max = x[i]; }``.
+    """
+    idx = np.argmax(np.abs(x), axis=0)
+    picked = np.take_along_axis(x, idx[None], axis=0)[0]
+    return np.where(np.abs(picked) > 0, picked, F32(0))
+
+
+def lanes(x: np.ndarray, size: int) -> np.ndarray:
+    """[..., k*size] -> [size, N]: one lane per group of `size` consecutive values, element axis first."""
+    return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, size).T)
+
+
+def from_lanes(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `lanes`."""
+    return np.ascontiguousarray(a.T).reshape(shape)
+
+
+# ---------------------------------------------------------------- ggml's parameter searches (lane-vectorised)
+
+
+def search_symmetric(x: np.ndarray, nmax: int, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants with rmse_type 1: scale [N] and codes [n, N] in [0, 2*nmax-1].
+
+    x, weights: [n, N]; weights None means x^2. All-zero lanes give scale 0 and codes 0.
+    """
+    mx = signed_absmax(x)
+    w = x * x if weights is None else weights
+    wx = w * x
+
+    def trial(iscale):
+        level = np.clip(nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
+        return level, seq_sum(wx * level), seq_sum(w * level * level)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        level, sumlx, suml2 = trial(F32(-nmax) / mx)
+        best_level = level
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
+        best = scale * sumlx
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            level, sumlx, suml2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / mx)
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            best_level = np.where(better, level, best_level)
+            scale = np.where(better, sumlx / suml2, scale)
+            best = np.where(better, scale * sumlx, best)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    codes = np.where(zero, 0, best_level.astype(np.int32) + nmax)
+    return np.where(zero, F32(0), scale).astype(F32), codes
+
+
+def refine_levels(x: np.ndarray, w: np.ndarray, level: np.ndarray, round_level, positive_scales: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's coordinate descent over the codes, shared by make_q3_quants and make_qp_quants.
+
+    Up to 5 passes; in each, element i in turn moves to the level that the least-squares scale of the
+    other elements rounds it to, when that raises sumlx^2 / suml2. `level` [n, N] (float32, updated
+    in place when no wrap is needed) holds the codes. positive_scales selects make_qp_quants' flavour: it skips an
+    element unless the leave-one-out suml2 is positive, and stores codes in a uint8 (wrapping);
+    make_q3_quants instead requires the new suml2 to be positive. Returns (level, sumlx, suml2).
+    """
+    wx = w * x
+    sumlx = seq_sum(wx * level)
+    suml2 = seq_sum(w * level * level)
+    if positive_scales:  # the sums above saw the levels as ints; the uint8_t copy wraps negatives
+        level = (level.astype(np.int32) & 0xFF).astype(F32)
+    for _ in range(5):
+        changed = False
+        for i in range(x.shape[0]):
+            old = level[i]
+            slx = sumlx - wx[i] * old
+            sl2 = suml2 - w[i] * old * old
+            new = round_level(x[i] * sl2 / slx)
+            newf = new.astype(F32)
+            nslx = slx + wx[i] * newf
+            nsl2 = sl2 + w[i] * newf * newf
+            take = (slx > 0) & ((sl2 > 0) if positive_scales else (nsl2 > 0)) & (newf != old) & (
+                nslx * nslx * suml2 > sumlx * sumlx * nsl2)
+            if take.any():
+                changed = True
+                level[i] = np.where(take, (new & 0xFF).astype(F32) if positive_scales else newf, old)
+                sumlx = np.where(take, nslx, sumlx)
+                suml2 = np.where(take, nsl2, suml2)
+        if not changed:  # a pass without changes leaves the state as it was: every lane is done
+            break
+    return level, sumlx, suml2
+
+
+def search_symmetric_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants with do_rmse: x^2-weighted codes refined one element at a time (Q3_K reference path)."""
+    mx = signed_absmax(x)
+
+    def round_level(v):
+        return np.clip(nearest_int(v), -nmax, nmax - 1)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        level = round_level((F32(-nmax) / mx) * x).astype(F32)
+        level, sumlx, suml2 = refine_levels(x, x * x, level, round_level, positive_scales=False)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    codes = np.where(zero, 0, level.astype(np.int32) + nmax)
+    return np.where(zero, F32(0), scale), codes
+
+
+def search_affine(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                  use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants / make_qkx3_quants: (scale [N], the_min [N] (>= 0, dequant = scale*L - the_min), codes [n, N]).
+
+    Each trial re-rounds with the current best min, exactly as ggml's loop does.
+    """
+    lo0 = np.minimum(x.min(axis=0), F32(0))
+    hi = x.max(axis=0)
+    sum_w = seq_sum(weights, first=True)
+    sum_x = seq_sum(weights * x, first=True)
+
+    def error(scale, lo, level):
+        diff = scale * level + lo - x
+        return seq_sum(weights * (np.abs(diff) if use_mad else diff * diff))
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lo = lo0
+        iscale = F32(nmax) / (hi - lo)
+        scale = F32(1) / iscale
+        best_level = np.clip(nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
+        best = error(scale, lo, best_level)
+        for step in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (hi - lo)
+            level = np.clip(nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
+            wl = weights * level
+            sum_l = seq_sum(wl)
+            sum_l2 = seq_sum(wl * level)
+            sum_xl = seq_sum(wl * x)
+            det = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+            clamp = this_min > 0
+            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+            this_min = np.where(clamp, F32(0), this_min)
+            cur = error(this_scale, this_min, level)
+            better = (det > 0) & (cur < best)
+            best_level = np.where(better, level, best_level)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            lo = np.where(better, this_min, lo)
+    flat = hi == lo0
+    codes = np.where(flat, 0, best_level.astype(np.int32))
+    return np.where(flat, F32(0), scale).astype(F32), -np.where(flat, lo0, lo).astype(F32), codes
+
+
+def search_positive(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants: weighted scale for non-negative values [n, N] onto 0..nmax, and the codes as ggml
+    stores them (uint8 values, returned as int32)."""
+    mx = np.maximum(x.max(axis=0), F32(0))
+
+    def mse(scale, level):
+        diff = x - scale * level
+        return seq_sum(weights * diff * diff)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / mx
+        best = mse(F32(1) / iscale, (nearest_int(iscale * x) & 0xFF).astype(F32))
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_s = (F32(0.1) * F32(step) + F32(nmax)) / mx
+            cur = mse(F32(1) / iscale_s, np.minimum(nmax, nearest_int(iscale_s * x)).astype(F32))
+            better = cur < best
+            best = np.where(better, cur, best)
+            iscale = np.where(better, iscale_s, iscale)
+        level = np.minimum(nmax, nearest_int(iscale * x)).astype(F32)
+        level, sumlx, suml2 = refine_levels(x, weights, level, lambda v: np.minimum(nmax, nearest_int(v)),
+                                            positive_scales=True)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    zero = mx < GROUP_MAX_EPS
+    return np.where(zero, F32(0), scale), np.where(zero, 0, level.astype(np.int32))
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+def pack_bits(vals: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Pack the fields along `axis` into bytes: field i lands at bit offset bits*i."""
+    v = np.moveaxis(np.asarray(vals).astype(np.uint8) & np.uint8((1 << bits) - 1), axis, -1)
+    shifts = (np.arange(v.shape[-1]) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(v << shifts, axis=-1).astype(np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int, axis: int) -> np.ndarray:
+    """Inverse of pack_bits: a new axis of `count` fields inserted at `axis`."""
+    shifts = (np.arange(count) * bits).astype(np.uint8)
+    v = (np.asarray(packed, dtype=np.uint8)[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return np.moveaxis(v, -1, axis)
+
+
+def fp16_bytes(h: np.ndarray) -> np.ndarray:
+    """float16 [B] -> little-endian bytes [B, 2]."""
+    return np.ascontiguousarray(np.asarray(h, dtype=np.float16).astype("<f2")).view(np.uint8).reshape(-1, 2)
+
+
+def fp16_from_bytes(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view("<f2").reshape(-1).astype(np.float16)
+
+
+def pack_k4_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: eight 6-bit scales and mins [B, 8] -> 12 bytes (ggml's get_scale_min_k4 layout)."""
+    sc, mn = np.asarray(sc).astype(np.int32), np.asarray(mn).astype(np.int32)
+    return np.concatenate([
+        as_uint8(sc[:, :4] | ((sc[:, 4:] >> 4) << 6)),
+        as_uint8(mn[:, :4] | ((mn[:, 4:] >> 4) << 6)),
+        as_uint8((sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)),
+    ], axis=1)
+
+
+def unpack_k4_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo, hi, mix = b[:, 0:4], b[:, 4:8], b[:, 8:12]
+    sc = np.concatenate([lo & 63, (mix & 0xF) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([hi & 63, (mix >> 4) | ((hi >> 6) << 4)], axis=1)
+    return sc.astype(np.uint8), mn.astype(np.uint8)
+
+
+def pack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K: sixteen 6-bit scales [B, 16] -> 12 bytes (low nibbles in 0..7, high 2-bit pairs in 8..11)."""
+    s = np.asarray(s).astype(np.uint8)
+    low = (s[:, :8] & 0xF) | ((s[:, 8:] & 0xF) << 4)
+    high = pack_bits((s >> 4).reshape(-1, 4, 4), 2, axis=1)
+    return np.concatenate([low, high], axis=1)
+
+
+def unpack_q3_scales(b: np.ndarray) -> np.ndarray:
+    low = np.concatenate([b[:, :8] & 0xF, b[:, :8] >> 4], axis=1)
+    high = unpack_bits(b[:, 8:12], 2, 4, axis=1).reshape(-1, 16)
+    return (low | (high << 4)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- the block types
+
+
+class BlockType:
+    """One ggml block quantization type; see the module docstring for the conventions."""
+
+    name: str = ""
+    ggml_type: gguf.GGMLQuantizationType
+    block: int = 32
+    sub: int = 32
+    qmin: int = 0
+    qmax: int = 0
+    zero: int = 0
+    requantizes = False                 # k-quants re-round against the stored scales
+    layout: tuple[tuple[str, int], ...] = ()  # (field, bytes) in ggml struct order
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(size for _, size in self.layout)
+
+    # -- public API
+
+    def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Block parameters by llama.cpp's own search (ref path, or imatrix path when `importance` [n] is given).
+
+        w: float32 [rows, n], n a multiple of `block`. Every returned array is [rows, n_blocks, ...], so
+        fits of column slices on block boundaries concatenate along axis 1.
+        """
+        x = self._blocks(w)
+        qw = None
+        if importance is not None:
+            imp = np.asarray(importance, dtype=F32).reshape(-1)
+            if imp.size != w.shape[1]:
+                raise LowbitError(f"{self.name}: importance has {imp.size} values for a tensor {w.shape[1]} wide; "
+                                  "pass the imatrix column means of this tensor")
+            qw = np.broadcast_to(imp.reshape(1, -1, self.block), x.shape)
+        params = self._fit(x, qw)
+        rows, nb = x.shape[:2]
+        return {k: np.asarray(v).reshape(rows, nb, *np.shape(v)[1:]) for k, v in params.items()}
+
+    def codes(self, w: np.ndarray, params: dict[str, np.ndarray]) -> np.ndarray:
+        """llama.cpp's final codes for w given params: uint8 [rows, n] (see the module docstring)."""
+        x = self._blocks(w)
+        rows, nb = x.shape[:2]
+        search = params.get("search_codes")
+        if search is not None and not self.requantizes:
+            return np.asarray(search, dtype=np.uint8).reshape(rows, -1)
+        scale, bias = self.effective(params)
+        per = self.block // self.sub
+        s = scale.reshape(rows, nb, per, 1)
+        b = bias.reshape(rows, nb, per, 1)
+        xs = x.reshape(rows, nb, per, self.sub)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            q = np.clip(nearest_int((xs - b) / s) + self.zero, self.qmin, self.qmax)
+        fallback = self.zero if search is None else np.asarray(search).reshape(xs.shape)
+        return np.where(s == 0, fallback, q).astype(np.uint8).reshape(rows, -1)
+
+    def effective(self, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, bias) float32 [rows, n // sub]: a code dequantizes, in float32, to exactly
+        scale * (code - zero) + bias, the value ggml and gguf-py decode from the packed block."""
+        scale, bias = self._effective(params)
+        rows = scale.shape[0]
+        return scale.astype(F32).reshape(rows, -1), bias.astype(F32).reshape(rows, -1)
+
+    def pack(self, params: dict[str, np.ndarray], codes: np.ndarray) -> np.ndarray:
+        """ggml block bytes uint8 [rows, n_blocks * bytes_per_block] from header params and codes [rows, n]."""
+        codes = np.asarray(codes)
+        rows, n = codes.shape
+        if codes.size and (codes.min() < self.qmin or codes.max() > self.qmax):
+            raise LowbitError(f"{self.name}: codes must lie in [{self.qmin}, {self.qmax}], "
+                              f"got [{codes.min()}, {codes.max()}]")
+        nb = n // self.block
+        flat = {k: np.asarray(v).reshape(rows * nb, *np.shape(v)[2:]) for k, v in params.items()}
+        fields = self._encode(flat, codes.reshape(rows * nb, self.block).astype(np.uint8))
+        out = np.concatenate([fields[name] for name, _ in self.layout], axis=1)
+        return out.reshape(rows, nb * self.bytes_per_block)
+
+    def unpack(self, raw: np.ndarray, n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Inverse of pack: (header params [rows, n_blocks, ...], codes uint8 [rows, n]) from rows of n values."""
+        if n % self.block:
+            raise LowbitError(f"{self.name}: row length {n} is not a multiple of the {self.block}-element block")
+        raw = np.asarray(raw, dtype=np.uint8)
+        nb = n // self.block
+        flat = raw.reshape(-1, self.bytes_per_block)
+        rows = flat.shape[0] // nb
+        fields, off = {}, 0
+        for name, size in self.layout:
+            fields[name] = flat[:, off:off + size]
+            off += size
+        params, codes = self._decode(fields)
+        return ({k: v.reshape(rows, nb, *v.shape[1:]) for k, v in params.items()},
+                codes.astype(np.uint8).reshape(rows, n))
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """llama.cpp's bytes for w: pack(p, codes(w, p)) with p = fit(w, importance)."""
+        params = self.fit(w, importance)
+        return self.pack(params, self.codes(w, params))
+
+    def dequantize(self, raw: np.ndarray, n: int) -> np.ndarray:
+        """float32 [rows, n], bit-identical to gguf.quants.dequantize."""
+        params, codes = self.unpack(raw, n)
+        scale, bias = self.effective(params)
+        rows = codes.shape[0]
+        q = codes.reshape(rows, -1, self.sub).astype(F32) - F32(self.zero)
+        return (scale[..., None] * q + bias[..., None]).reshape(rows, n)
+
+    # -- shared pieces
+
+    def _blocks(self, w: np.ndarray) -> np.ndarray:
+        w = np.asarray(w, dtype=F32)
+        if w.ndim != 2 or w.shape[1] % self.block:
+            raise LowbitError(f"{self.name}: needs a 2-D [rows, n] weight with n a multiple of {self.block}, "
+                              f"got shape {tuple(w.shape)}")
+        return w.reshape(w.shape[0], -1, self.block)
+
+    def _fit(self, x: np.ndarray, qw: np.ndarray | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _effective(self, params):
+        raise NotImplementedError
+
+    def _encode(self, p: dict[str, np.ndarray], codes: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _decode(self, fields: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"BlockType({self.name})"
+
+
+def _neg_zero(like: np.ndarray) -> np.ndarray:
+    """Bias for symmetric types: -0.0 leaves every float32 (including -0.0) unchanged when added."""
+    return np.full(np.shape(like), -0.0, dtype=F32)
+
+
+def _row_sigma2(x: np.ndarray) -> np.ndarray:
+    """Legacy imatrix paths: sum of x^2 over each whole row, in order, divided by the row length -> [rows, 1, 1]."""
+    rows = x.shape[0]
+    flat = lanes(x.reshape(rows, -1), x.shape[1] * x.shape[2])
+    return (seq_sum(flat * flat) / F32(flat.shape[0])).reshape(rows, 1, 1)
+
+
+def _block_sum_x2(x: np.ndarray) -> np.ndarray:
+    """k-quant imatrix paths: sum of x^2 over each 256-element block, in order -> [rows, nb, 1]."""
+    flat = lanes(x, QK_K)
+    return seq_sum(flat * flat).reshape(*x.shape[:2], 1)
+
+
+def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    """ggml's imatrix weighting qw[j] * sqrt(sigma2 + x[j]^2)."""
+    return qw * np.sqrt(sigma2 + x * x)
+
+
+class _Legacy(BlockType):
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: 32-element blocks, one fp16 scale (and min), no re-rounding."""
+
+    block = sub = 32
+    bits = 4
+    affine = False  # Q4_1 / Q5_1 carry a min
+
+    def __init__(self):
+        self.qmax = (1 << self.bits) - 1
+        self.zero = 0 if self.affine else 1 << (self.bits - 1)
+        head = [("d", 2)] + ([("m", 2)] if self.affine else [])
+        body = [("qh", 4)] if self.bits == 5 else []
+        body.append(("qs", 32 * self.bits // 8 if self.bits == 8 else 16))
+        self.layout = tuple(head + body)
+
+    def _fit(self, x, qw):
+        nmax = 1 << (self.bits - 1)
+        if qw is None or self.bits == 8:
+            return self._fit_ref(x)
+        weight = _imatrix_weights(x, qw, _row_sigma2(x))
+        xl, wl = lanes(x, 32), lanes(weight, 32)
+        if self.affine:
+            d, the_min, codes = search_affine(xl, wl, self.qmax, -0.9, 0.05, 36, False)
+            params = {"d": to_fp16(d), "m": to_fp16(-the_min)}
+        else:
+            d, codes = search_symmetric(xl, nmax, wl)
+            params = {"d": to_fp16(d)}
+        params["search_codes"] = from_lanes(codes, (x.size // 32, 32)).astype(np.uint8)
+        return params
+
+    def _fit_ref(self, x):
+        xb = x.reshape(-1, 32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if self.bits == 8:
+                d = np.abs(xb).max(axis=1) / F32(127)
+                inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+                q = c_roundf(xb * inv[:, None]) + 128
+                return {"d": to_fp16(d), "search_codes": as_uint8(q)}
+            if self.affine:
+                lo, hi = xb.min(axis=1), xb.max(axis=1)
+                d = (hi - lo) / F32(self.qmax)
+                inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+                q = c_trunc((xb - lo[:, None]) * inv[:, None] + F32(0.5))
+                return {"d": to_fp16(d), "m": to_fp16(lo), "search_codes": np.clip(q, 0, self.qmax).astype(np.uint8)}
+            d = signed_absmax(xb.T) / F32(-self.zero)
+            inv = np.where(d != 0, F32(1) / d, F32(0)).astype(F32)
+            q = as_int8(c_trunc(xb * inv[:, None] + F32(self.zero + 0.5))).astype(np.int32)
+            return {"d": to_fp16(d), "search_codes": np.clip(q, 0, self.qmax).astype(np.uint8)}
+
+    def _effective(self, params):
+        d = np.asarray(params["d"]).astype(F32)
+        return d, (np.asarray(params["m"]).astype(F32) if self.affine else _neg_zero(d))
+
+    def _encode(self, p, codes):
+        out = {"d": fp16_bytes(p["d"])}
+        if self.affine:
+            out["m"] = fp16_bytes(p["m"])
+        if self.bits == 8:
+            out["qs"] = codes ^ np.uint8(0x80)
+            return out
+        out["qs"] = pack_bits(codes.reshape(-1, 2, 16), 4, axis=1)
+        if self.bits == 5:
+            out["qh"] = pack_bits((codes >> 4).reshape(-1, 4, 8), 1, axis=2)
+        return out
+
+    def _decode(self, f):
+        params = {"d": fp16_from_bytes(f["d"])}
+        if self.affine:
+            params["m"] = fp16_from_bytes(f["m"])
+        if self.bits == 8:
+            return params, f["qs"] ^ np.uint8(0x80)
+        codes = unpack_bits(f["qs"], 4, 2, axis=1).reshape(-1, 32)
+        if self.bits == 5:
+            codes = codes | (unpack_bits(f["qh"], 1, 8, axis=2).reshape(-1, 32) << 4)
+        return params, codes
+
+
+class Q8_0(_Legacy):
+    name, ggml_type, bits = "Q8_0", gguf.GGMLQuantizationType.Q8_0, 8
+
+    def __init__(self):
+        super().__init__()
+        self.zero = 128  # int8 value q is stored as code q + 128
+
+
+class Q4_0(_Legacy):
+    name, ggml_type, bits = "Q4_0", gguf.GGMLQuantizationType.Q4_0, 4
+
+
+class Q4_1(_Legacy):
+    name, ggml_type, bits, affine = "Q4_1", gguf.GGMLQuantizationType.Q4_1, 4, True
+
+
+class Q5_0(_Legacy):
+    name, ggml_type, bits = "Q5_0", gguf.GGMLQuantizationType.Q5_0, 5
+
+
+class Q5_1(_Legacy):
+    name, ggml_type, bits, affine = "Q5_1", gguf.GGMLQuantizationType.Q5_1, 5, True
+
+
+class _KQuant(BlockType):
+    """256-element super-blocks whose codes are re-rounded against the stored scales."""
+
+    block = QK_K
+    requantizes = True
+
+    def _sub_lanes(self, a: np.ndarray) -> np.ndarray:
+        return lanes(a, self.sub)
+
+    def _from_sub_lanes(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return from_lanes(a, (x.shape[0] * x.shape[1], self.block)).astype(np.uint8)
+
+    def _per_sub(self, v: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Lane vector [N sub-blocks] -> [B, block // sub]."""
+        return v.reshape(x.shape[0] * x.shape[1], self.block // self.sub)
+
+
+class _AffineK(_KQuant):
+    """Q4_K / Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins, dequant d*sc*q - dmin*m."""
+
+    sub = 32
+    bits = 4
+    ref_search = (-1.0, 0.1, 20)
+
+    def __init__(self):
+        self.qmax = (1 << self.bits) - 1
+        high = (("qh", 32),) if self.bits == 5 else ()
+        self.layout = (("d", 2), ("dmin", 2), ("scales", 12)) + high + (("qs", 128),)
+
+    def _fit(self, x, qw):
+        xl = self._sub_lanes(x)
+        if qw is None:
+            av_x = np.sqrt(seq_sum(xl * xl) / F32(32))
+            weights = av_x + np.abs(xl)
+            rmin, rdelta, nstep = self.ref_search
+            scales, mins, codes = search_affine(xl, weights, self.qmax, rmin, rdelta, nstep, False)
+            scales, mins = self._per_sub(scales, x), self._per_sub(mins, x)
+            max_scale = np.maximum(scales.max(axis=1), F32(0))
+            max_min = np.maximum(mins.max(axis=1), F32(0))
+            with np.errstate(divide="ignore"):
+                inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0)).astype(F32)
+                inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0)).astype(F32)
+            ls = np.minimum(63, as_uint8(nearest_int(inv_scale[:, None] * scales)))
+            lm = np.minimum(63, as_uint8(nearest_int(inv_min[:, None] * mins)))
+            d, dmin = max_scale / F32(63), max_min / F32(63)
+        else:
+            sigma2 = F32(2) * _block_sum_x2(x) / F32(QK_K)
+            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(seq_sum(weights), x)
+            scales, mins, codes = search_affine(xl, weights, self.qmax, -0.9, 0.05, 36, False)
+            d, ls = search_positive(lanes(scales, 8), 63, lanes(sw, 8))
+            dmin, lm = search_positive(lanes(mins, 8), 63, lanes(sw, 8))
+            ls, lm = ls.T, lm.T
+            if self.bits == 5:  # quantize_row_q5_K_impl clamps, the q4_K one does not
+                ls, lm = np.minimum(63, ls), np.minimum(63, lm)
+        sc, mn = unpack_k4_scales(pack_k4_scales(ls, lm))
+        return {"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": sc, "mins": mn,
+                "search_codes": self._from_sub_lanes(codes, x)}
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        dmin = np.asarray(p["dmin"]).astype(F32)[..., None]
+        return d * np.asarray(p["scales"]).astype(F32), -(dmin * np.asarray(p["mins"]).astype(F32))
+
+    def _encode(self, p, codes):
+        out = {"d": fp16_bytes(p["d"]), "dmin": fp16_bytes(p["dmin"]),
+               "scales": pack_k4_scales(p["scales"], p["mins"]),
+               "qs": pack_bits(codes.reshape(-1, 4, 2, 32), 4, axis=2).reshape(-1, 128)}
+        if self.bits == 5:
+            out["qh"] = pack_bits((codes >> 4).reshape(-1, 8, 32), 1, axis=1)
+        return out
+
+    def _decode(self, f):
+        sc, mn = unpack_k4_scales(f["scales"])
+        codes = unpack_bits(f["qs"].reshape(-1, 4, 32), 4, 2, axis=2).reshape(-1, QK_K)
+        if self.bits == 5:
+            codes = codes | (unpack_bits(f["qh"], 1, 8, axis=1).reshape(-1, QK_K) << 4)
+        return {"d": fp16_from_bytes(f["d"]), "dmin": fp16_from_bytes(f["dmin"]), "scales": sc, "mins": mn}, codes
+
+
+class Q4_K(_AffineK):
+    name, ggml_type, bits, ref_search = "Q4_K", gguf.GGMLQuantizationType.Q4_K, 4, (-1.0, 0.1, 20)
+
+
+class Q5_K(_AffineK):
+    name, ggml_type, bits, ref_search = "Q5_K", gguf.GGMLQuantizationType.Q5_K, 5, (-0.5, 0.1, 15)
+
+
+class Q2_K(_KQuant):
+    """16 sub-blocks of 16 with 4-bit scales and mins: dequant d*sc*q - dmin*m, q in 0..3."""
+
+    name, ggml_type = "Q2_K", gguf.GGMLQuantizationType.Q2_K
+    sub, qmax = 16, 3
+    layout = (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))
+
+    def _fit(self, x, qw):
+        xl = self._sub_lanes(x)
+        if qw is None:
+            scales, mins, codes = search_affine(xl, np.abs(xl), 3, -0.5, 0.1, 15, True)
+            scales, mins = self._per_sub(scales, x), self._per_sub(mins, x)
+            max_scale = np.maximum(scales.max(axis=1), F32(0))
+            max_min = np.maximum(mins.max(axis=1), F32(0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), 0)
+                lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), 0)
+            d = np.where(max_scale > 0, max_scale / F32(15), F32(0))
+            dmin = np.where(max_min > 0, max_min / F32(15), F32(0))
+        else:
+            sigma2 = _block_sum_x2(x) / F32(QK_K)
+            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(seq_sum(weights), x)
+            scales, mins, codes = search_affine(xl, weights, 3, -0.9, 0.05, 36, False)
+            d, ls = search_positive(lanes(self._per_sub(scales, x), 16), 15, lanes(sw, 16))
+            dmin, lm = search_positive(lanes(self._per_sub(mins, x), 16), 15, lanes(sw, 16))
+            ls, lm = ls.T, lm.T
+        byte = as_uint8(as_uint8(ls).astype(np.int32) | (lm.astype(np.int32) << 4))
+        return {"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": byte & np.uint8(0xF), "mins": byte >> 4,
+                "search_codes": self._from_sub_lanes(codes, x)}
+
+    _effective = _AffineK._effective
+
+    def _encode(self, p, codes):
+        scales = np.asarray(p["scales"]).astype(np.uint8)
+        return {"scales": (scales & np.uint8(0xF)) | (np.asarray(p["mins"]).astype(np.uint8) << 4),
+                "qs": pack_bits(codes.reshape(-1, 2, 4, 32), 2, axis=2).reshape(-1, 64),
+                "d": fp16_bytes(p["d"]), "dmin": fp16_bytes(p["dmin"])}
+
+    def _decode(self, f):
+        codes = unpack_bits(f["qs"].reshape(-1, 2, 32), 2, 4, axis=2).reshape(-1, QK_K)
+        return {"d": fp16_from_bytes(f["d"]), "dmin": fp16_from_bytes(f["dmin"]),
+                "scales": f["scales"] & np.uint8(0xF), "mins": f["scales"] >> 4}, codes
+
+
+class _SymmetricK(_KQuant):
+    """Q3_K / Q6_K: 16 sub-blocks of 16, one fp16 d and integer sub-block scales, dequant d*sc*(code - zero)."""
+
+    sub = 16
+    scale_offset = 0  # stored sub-block scale s means s - scale_offset (Q3_K stores 6-bit s + 32)
+
+    def _pick_block_scale(self, scales: np.ndarray) -> np.ndarray:
+        """ggml: the sub-block scale of largest magnitude (first one on ties), per block."""
+        return signed_absmax(scales.T)
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        signed = np.asarray(p["scales"]).astype(np.int8) - np.int8(self.scale_offset)
+        scale = d * signed.astype(F32)
+        return scale, _neg_zero(scale)
+
+
+class Q3_K(_SymmetricK):
+    name, ggml_type = "Q3_K", gguf.GGMLQuantizationType.Q3_K
+    qmax, zero, scale_offset = 7, 4, 32
+    layout = (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))
+
+    def _fit(self, x, qw):
+        xl = self._sub_lanes(x)
+        if qw is None:
+            scales, codes = search_symmetric_rmse(xl, 4)
+            scales = self._per_sub(scales, x)
+            max_scale = self._pick_block_scale(scales)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                iscale = F32(-32) / max_scale
+                sc = np.clip(as_int8(nearest_int(iscale[:, None] * scales)).astype(np.int32), -32, 31) + 32
+                d = np.where(max_scale != 0, F32(1) / iscale, F32(0))
+            sc = np.where(max_scale[:, None] != 0, sc, 0)
+        else:
+            sigma2 = F32(2) * _block_sum_x2(x) / F32(QK_K)
+            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(seq_sum(weights), x)
+            scales, codes = search_symmetric(xl, 4, weights)
+            d, sc = search_symmetric(lanes(self._per_sub(scales, x), 16), 32, lanes(sw, 16))
+            sc = sc.T
+        return {"d": to_fp16(d), "scales": unpack_q3_scales(pack_q3_scales(as_uint8(sc))),
+                "search_codes": self._from_sub_lanes(codes, x)}
+
+    def _encode(self, p, codes):
+        return {"hmask": pack_bits((codes >> 2).reshape(-1, 8, 32), 1, axis=1),
+                "qs": pack_bits(codes.reshape(-1, 2, 4, 32), 2, axis=2).reshape(-1, 64),
+                "scales": pack_q3_scales(p["scales"]), "d": fp16_bytes(p["d"])}
+
+    def _decode(self, f):
+        low = unpack_bits(f["qs"].reshape(-1, 2, 32), 2, 4, axis=2).reshape(-1, QK_K)
+        high = unpack_bits(f["hmask"], 1, 8, axis=1).reshape(-1, QK_K)
+        return {"d": fp16_from_bytes(f["d"]), "scales": unpack_q3_scales(f["scales"])}, low | (high << 2)
+
+
+class Q6_K(_SymmetricK):
+    name, ggml_type = "Q6_K", gguf.GGMLQuantizationType.Q6_K
+    qmax, zero = 63, 32
+    layout = (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))
+
+    def _fit(self, x, qw):
+        xl = self._sub_lanes(x)
+        scales, codes = search_symmetric(xl, 32, None if qw is None else self._sub_lanes(qw))
+        scales = self._per_sub(scales, x)
+        max_scale = self._pick_block_scale(scales)
+        empty = np.abs(max_scale) < GROUP_MAX_EPS  # ggml zeroes the whole block
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iscale = F32(-128) / max_scale
+            d = np.where(empty, F32(0), F32(1) / iscale)
+            sc = as_int8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
+        sc = np.where(empty[:, None], np.int8(0), sc)
+        codes = self._from_sub_lanes(codes, x)
+        codes[empty] = 0
+        return {"d": to_fp16(d), "scales": sc, "search_codes": codes}
+
+    def _encode(self, p, codes):
+        return {"ql": pack_bits((codes & np.uint8(0xF)).reshape(-1, 2, 2, 2, 32), 4, axis=2).reshape(-1, 128),
+                "qh": pack_bits((codes >> 4).reshape(-1, 2, 4, 32), 2, axis=2).reshape(-1, 64),
+                "scales": np.asarray(p["scales"]).astype(np.int8).view(np.uint8), "d": fp16_bytes(p["d"])}
+
+    def _decode(self, f):
+        low = unpack_bits(f["ql"].reshape(-1, 2, 2, 32), 4, 2, axis=2).reshape(-1, QK_K)
+        high = unpack_bits(f["qh"].reshape(-1, 2, 32), 2, 4, axis=2).reshape(-1, QK_K)
+        scales = np.ascontiguousarray(f["scales"]).view(np.int8)
+        return {"d": fp16_from_bytes(f["d"]), "scales": scales}, low | (high << 4)
+
+
+TYPES: dict[str, BlockType] = {t.name: t for t in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(),
+                                                   Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K())}
+
+
+def block_type(name: str) -> BlockType:
+    """The BlockType for a ggml type name such as "Q4_K" (case-insensitive)."""
+    t = TYPES.get(str(name).upper())
+    if t is None:
+        raise LowbitError(f"unknown ggml block type {name!r}; valid: {', '.join(TYPES)}")
+    return t
