@@ -88,13 +88,26 @@ def quantize(
     calib_seqlen: int = SeqlenOpt,
     seed: int = SeedOpt,
     calib_mode: str = ModeOpt,
-    output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder (or .gguf file)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq or awq."),
+    gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
+                                  "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
+                                           "lowbit .safetensors) weighting llama.cpp's block search."),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "
+                                                    "e.g. 'attn_v=Q8_0' (repeatable)."),
 ) -> None:
-    """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json).
+    """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json), or a GGUF.
 
+    With --format gguf, --type picks llama.cpp's mix and --method how tensors land on its block grids
+    (rtn = llama.cpp's own search; gptq / awq = calibrated). --bits/--group-size do not apply there.
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
+    if fmt == "gguf":
+        _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, damp, output, overwrite,
+                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
+        return
     from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
     from lowbit.quant.grid import GridConfig
@@ -112,6 +125,28 @@ def quantize(
     stats = quantize_checkpoint(model_dir, qcfg, output, overwrite, calib=calib)
     info(f"wrote {output}  ({qcfg.name}, {stats.bpw:.3f} bits/weight over quantized tensors, "
          f"{stats.bpw_model:.3f} over the model, {stats.seconds:.1f} s)")
+
+
+def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, damp, output, overwrite,
+                   calib_args) -> None:
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.formats.imatrix import read_imatrix
+    from lowbit.model.default import resolve_model
+    from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
+    from lowbit.report.progress import info
+
+    gcfg = GGUFConfig(gguf_type, method, act_order, damp, tuple(tensor_type or ()))
+    if output.suffix != ".gguf":
+        raise LowbitError(f"-o {output}: a GGUF output must be a file ending in .gguf")
+    model_dir = resolve_model(model)
+    check_writable_target(output, overwrite)
+    imat = read_imatrix(imatrix) if imatrix is not None else None
+    calib = _calibration(model_dir, *calib_args) if method != "rtn" else None
+    stats = quantize_to_gguf(model_dir, gcfg, output, overwrite, calib=calib, imatrix=imat)
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(stats.type_counts.items()))
+    info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
+         f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
+    info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
 
 
 @app.command("eval")

@@ -375,14 +375,51 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
     return out_path
 
 
+# ---------------------------------------------------------------- llama.cpp's activation rounding
+
+# The activation format ggml's CPU dot product converts a matmul's input to, by weight type.
+VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+                "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16"}
+
+
+def round_activations(x: torch.Tensor, vec_dot_type: str | None) -> torch.Tensor:
+    """x as llama.cpp's CPU matmul sees it: rounded to Q8_0/Q8_1 (32-blocks, fp16 scale), Q8_K
+    (256-blocks, fp32 scale) or F16 before the dot product with a quantized weight."""
+    if vec_dot_type is None:
+        return x
+    if vec_dot_type == "F16":
+        return x.half().float()
+    block = 256 if vec_dot_type == "Q8_K" else 32
+    shape = x.shape
+    b = x.reshape(-1, shape[-1] // block, block)
+    if vec_dot_type == "Q8_K":
+        # the signed element of largest magnitude maps to -127; d = 1/iscale kept in fp32
+        idx = b.abs().argmax(-1, keepdim=True)
+        peak = torch.gather(b, -1, idx)
+        iscale = torch.where(peak == 0, torch.zeros_like(peak), -127.0 / peak)
+        q = torch.clamp(torch.round(iscale * b), max=127)  # nearest_int: round half to even
+        d = torch.where(iscale == 0, torch.zeros_like(iscale), 1.0 / iscale)
+        return (q * d).reshape(shape)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / amax)  # the SIMD kernels' 127/max, half-to-even
+    q = torch.round(b * inv)
+    return (q * (amax / 127.0).half().float()).reshape(shape)
+
+
 class GGUFWeights:
     """WeightSource over any Llama GGUF (any quant type gguf-py can dequantize), in HF layout.
 
     This is how a peer's GGUF (llama.cpp's own quantizer, say) is scored through
     exactly the same forward pass and metrics as lowbit's checkpoints.
+
+    emulate_runtime=True also rounds each matmul input the way llama.cpp's CPU
+    kernels do (see round_activations): that rounding alone costs ~0.003 mean
+    KLD on this model, so comparing llama.cpp's logits with a plain float
+    forward cannot tell a misread block from the runtime's own noise, while the
+    emulated forward reproduces llama.cpp to ~1e-5.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, emulate_runtime: bool = False):
         from lowbit.model.arch import arch_for
         from lowbit.model.hf import spec_from_config
 
@@ -392,11 +429,22 @@ class GGUFWeights:
         self.tensors = gguf_tensors(reader, self.config)
         self.types = {gguf_name_to_hf(t.name)[0]: t.tensor_type.name for t in reader.tensors}
         self.nbytes = {gguf_name_to_hf(t.name)[0]: int(t.n_bytes) for t in reader.tensors}
+        self.emulate_runtime = emulate_runtime
+        head = "lm_head.weight" if "lm_head.weight" in self.types else "model.embed_tokens.weight"
+        self.head_act_quant = self._rounder(head) if emulate_runtime else None
+
+    def _rounder(self, hf_name: str):
+        vdt = VEC_DOT_TYPE.get(self.types[hf_name])
+        return lambda x: round_activations(x, vdt)
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
-        from lowbit.model.forward import layer_weights
+        from lowbit.model.arch import LINEARS, layer_tensor_name
+        from lowbit.model.forward import ACT_QUANT, layer_weights
 
-        return layer_weights(self.tensors.__getitem__, self.spec, i)
+        w = layer_weights(self.tensors.__getitem__, self.spec, i)
+        if self.emulate_runtime:
+            w[ACT_QUANT] = {short: self._rounder(layer_tensor_name(self.spec.arch, i, sfx)) for short, sfx in LINEARS}
+        return w
 
     def embedding(self) -> torch.Tensor:
         return self.tensors["model.embed_tokens.weight"]

@@ -111,7 +111,15 @@ def _apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * rope.cos[:t] + _rotate_half(x) * rope.sin[:t]
 
 
+# Optional entry of a layer's weights: {short: fn(x) -> x} applied to that linear's input. A runtime that
+# rounds activations before its matmuls (llama.cpp's Q8_0 / Q8_K dot products) is reproduced this way.
+ACT_QUANT = "act_quant"
+
+
 def linear(x: torch.Tensor, w: dict[str, torch.Tensor], short: str) -> torch.Tensor:
+    act_quant = w.get(ACT_QUANT)
+    if act_quant and short in act_quant:
+        x = act_quant[short](x)
     return F.linear(x, w[short], w.get(f"{short}_bias"))
 
 
@@ -176,5 +184,7 @@ def iter_logits(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
     """Yield (window index, float32 logits [T, V]) one window at a time to bound memory."""
     hidden = run_layers(source, tokens, batch, on_layer)
     head = source.lm_head()
+    head_act = getattr(source, "head_act_quant", None)
     for n in range(hidden.shape[0]):
-        yield n, hidden[n] @ head.T
+        h = hidden[n] if head_act is None else head_act(hidden[n])
+        yield n, h @ head.T

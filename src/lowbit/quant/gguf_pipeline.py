@@ -1,0 +1,313 @@
+"""Quantize a HF model folder straight into a llama.cpp GGUF, with any lowbit method.
+
+The mix (which block type each tensor gets) is llama.cpp's own
+(lowbit.quant.gguf_mix), so the file has exactly the size and layout of
+llama-quantize's output for the same --type. What differs is how each tensor
+lands on its block grid:
+
+  rtn   llama.cpp's own search per block (imatrix-weighted when --imatrix is
+        given): byte-identical to llama-quantize.
+  gptq  GPTQ's error compensation onto the block grid (lowbit.quant.gptq_blocks),
+        layer by layer on calibration inputs that went through the already
+        quantized layers before.
+  awq   AWQ's activation-aware scales, searched against the block grids the
+        tensors will really use and folded into the norms / producers, then
+        llama.cpp's search on the smoothed weights with the smoothed imatrix.
+
+The run is sequential and resumable like lowbit's own checkpoints: each
+finished layer's rows go to `.OUT.partial/`, and the GGUF is written
+atomically at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lowbit import __version__
+from lowbit.calib.dataset import CalibSet
+from lowbit.errors import LowbitError
+from lowbit.eval.reference import folder_fingerprint
+from lowbit.formats.atomic import check_writable_target
+from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, tokenizer_metadata, write_gguf
+from lowbit.formats.imatrix import Imatrix
+from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
+from lowbit.model.hf import ModelFolder, ModelSpec
+from lowbit.quant import awq
+from lowbit.quant.ggml_blocks import block_type
+from lowbit.quant.gguf_mix import FILE_TYPES, TensorInfo, choose_types, parse_file_type, parse_overrides
+from lowbit.quant.gptq import GPTQConfig
+from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
+from lowbit.quant.grid import GridConfig
+from lowbit.quant.pipeline import FORWARD_BATCH, PartialRun
+from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.report.progress import info, progress
+
+GGUF_METHODS = ("rtn", "gptq", "awq")
+FLOAT_TYPES = ("F32", "F16")
+AWQ_NORM_GRID = GridConfig(4, 32)  # only used to normalise |w| per 32-column block in AWQ's duo scaling
+
+
+@dataclass(frozen=True)
+class GGUFConfig:
+    """One GGUF quantization run."""
+
+    file_type: str = "Q4_K_M"
+    method: str = "rtn"
+    act_order: bool = False
+    damp_percent: float = 0.01
+    tensor_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "file_type", parse_file_type(self.file_type))
+        if self.method not in GGUF_METHODS:
+            raise LowbitError(f"--method {self.method!r} cannot target GGUF block types; choose one of: "
+                              f"{', '.join(GGUF_METHODS)}")
+        if self.act_order and self.method != "gptq":
+            raise LowbitError("--act-order applies to --method gptq only")
+        parse_overrides(list(self.tensor_types))
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}{'-act' if self.act_order else ''}:{self.file_type}"
+
+    def to_dict(self) -> dict:
+        return {"file_type": self.file_type, "method": self.method, "act_order": self.act_order,
+                "damp_percent": self.damp_percent, "tensor_types": list(self.tensor_types)}
+
+
+@dataclass
+class GGUFStats:
+    """Sizes of the written file, by ggml type."""
+
+    linear_weights: int = 0
+    linear_bytes: int = 0
+    total_weights: int = 0
+    total_bytes: int = 0
+    type_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def bpw(self) -> float:
+        """Bits per weight over the decoder's linear layers (lowbit's usual definition)."""
+        return 8 * self.linear_bytes / max(1, self.linear_weights)
+
+    @property
+    def bpw_model(self) -> float:
+        return 8 * self.total_bytes / max(1, self.total_weights)
+
+    def add(self, qtype: str, numel: int, nbytes: int, linear: bool) -> None:
+        self.type_counts[qtype] = self.type_counts.get(qtype, 0) + 1
+        self.total_weights += numel
+        self.total_bytes += nbytes
+        if linear:
+            self.linear_weights += numel
+            self.linear_bytes += nbytes
+
+
+def tensor_infos(folder: ModelFolder) -> list[TensorInfo]:
+    return [TensorInfo(hf_name_to_gguf(n), folder.shape(n)[-1], len(folder.shape(n)))
+            for n in gguf_tensor_order(folder.spec)]
+
+
+def plan_types(folder: ModelFolder, gcfg: GGUFConfig, has_imatrix: bool) -> dict[str, str]:
+    """HF name -> ggml type, exactly as llama-quantize would choose for this file type."""
+    spec = folder.spec
+    by_gguf = choose_types(tensor_infos(folder), gcfg.file_type, spec.num_layers,
+                           spec.num_heads // spec.num_kv_heads, has_imatrix, parse_overrides(list(gcfg.tensor_types)))
+    return {n: by_gguf[hf_name_to_gguf(n)] for n in gguf_tensor_order(spec)}
+
+
+def _run_key(model_dir: Path, gcfg: GGUFConfig, calib: CalibSet | None, imatrix: Imatrix | None) -> str:
+    h = hashlib.sha256(json.dumps({**gcfg.to_dict(), "lowbit": __version__, "format": "gguf"},
+                                  sort_keys=True).encode())
+    h.update(folder_fingerprint(model_dir).encode())
+    if calib is not None:
+        h.update(calib.tokens.numpy().tobytes())
+    for name in sorted(imatrix or {}):
+        h.update(name.encode())
+        h.update(imatrix[name].mean().tobytes())
+    return h.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- one tensor / one layer
+
+
+def _as_float(t: torch.Tensor, qtype: str) -> torch.Tensor:
+    return t.half().float() if qtype == "F16" else t.float()
+
+
+def rtn_tensor(t: torch.Tensor, qtype: str, importance: np.ndarray | None) -> tuple[np.ndarray | None, torch.Tensor]:
+    """(raw rows or None for float types, dequantized weights) by llama.cpp's own per-block search."""
+    if qtype in FLOAT_TYPES:
+        return None, _as_float(t, qtype)
+    bt = block_type(qtype)
+    raw = bt.quantize(t.float().numpy(), importance)
+    return raw, torch.from_numpy(bt.dequantize(raw, t.shape[1]))
+
+
+def _importance(imatrix: Imatrix | None, name: str) -> np.ndarray | None:
+    return None if imatrix is None or name not in imatrix else imatrix[name].mean()
+
+
+def _stats_importance(stats: LayerStats, short: str) -> np.ndarray:
+    g = stats.for_linear(short)
+    return (g.sumsq / max(1, g.count)).float().numpy()
+
+
+def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg: GGUFConfig, spec: ModelSpec,
+                        rope, names: dict[str, str], types: dict[str, str], imatrix: Imatrix | None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """Quantize one decoder layer's linears onto their block types; `w` may be rewritten (AWQ).
+
+    Returns (raw rows of each quantized linear, dequantized weight of every linear).
+    """
+    stats = None
+    if gcfg.method != "rtn":
+        assert x is not None
+        stats = LayerStats(hessian=True, activations=gcfg.method == "awq")
+        for sl in batches(x.shape[0], FORWARD_BATCH):
+            decoder_layer(x[sl], w, spec, rope, hook=stats)
+    if gcfg.method == "awq":
+        fakes = {s: _fake_block(types[names[s]]) for s, _ in LINEARS}
+        awq.smooth_block(w, stats, AWQ_NORM_GRID, spec, fakes=fakes)
+    raws: dict[str, np.ndarray] = {}
+    deq: dict[str, torch.Tensor] = {}
+    for lead, members in INPUT_GROUPS.items():
+        fh = None
+        for m in members:
+            qtype = types[names[m]]
+            imp = _importance(imatrix, names[m])
+            if gcfg.method == "gptq" and qtype not in FLOAT_TYPES:
+                if fh is None:  # one factorization per input group, shared by its linears
+                    fh = factor_hessian(stats.for_linear(lead).hessian, w[m].shape[1], names[m], _gptq_cfg(gcfg))
+                res = quantize_block_gptq(w[m], fh, block_type(qtype), imp, _gptq_cfg(gcfg))
+                raws[m], deq[m] = res.raw, res.dequantized
+                continue
+            if gcfg.method == "awq":
+                imp = _stats_importance(stats, m)  # mean x^2 of the *smoothed* inputs (a given imatrix predates them)
+            raw, deq[m] = rtn_tensor(w[m], qtype, imp)
+            if raw is not None:
+                raws[m] = raw
+    return raws, deq
+
+
+def _gptq_cfg(gcfg: GGUFConfig) -> GPTQConfig:
+    return GPTQConfig(damp_percent=gcfg.damp_percent, act_order=gcfg.act_order, block_size=256)
+
+
+def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Quantize-dequantize onto a block type by llama.cpp's plain search (AWQ's scale search)."""
+    if qtype in FLOAT_TYPES:
+        return lambda t: _as_float(t, qtype)
+    bt = block_type(qtype)
+    return lambda t: torch.from_numpy(bt.dequantize(bt.quantize(t.float().numpy()), t.shape[1]))
+
+
+# ---------------------------------------------------------------- whole model
+
+
+def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bool = False,
+                     calib: CalibSet | None = None, imatrix: Imatrix | None = None,
+                     after_layer: Callable[[int], None] | None = None) -> GGUFStats:
+    """Write `model_dir` quantized as a llama.cpp GGUF of type `gcfg.file_type` to `out` (atomic, resumable)."""
+    folder = ModelFolder(model_dir)
+    check_writable_target(out, overwrite)
+    if gcfg.method != "rtn" and calib is None:
+        raise LowbitError(f"--method {gcfg.method} needs calibration text; pass --calib-text FILE")
+    spec = folder.spec
+    t0 = time.perf_counter()
+    types = plan_types(folder, gcfg, imatrix is not None)
+    tok_meta = tokenizer_metadata(Path(model_dir))
+    state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
+    if state.done:
+        info(f"resuming {gcfg.name} after layer {state.done - 1} from {state.dir}")
+    x = rope = None
+    if gcfg.method != "rtn":
+        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
+        x = state.load_activations()
+        if x is None:
+            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+    with torch.inference_mode(), progress(f"quantize {gcfg.name}", spec.num_layers) as advance:
+        for _ in range(state.done):
+            advance()
+        for i in range(state.done, spec.num_layers):
+            w = layer_weights(folder.get, spec, i)
+            names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
+            raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix)
+            if x is not None:
+                full = {**w, **deq}
+                for sl in batches(x.shape[0], FORWARD_BATCH):
+                    x[sl] = decoder_layer(x[sl], full, spec, rope)
+            saved = {k: v for k, v in w.items() if k not in raws}
+            saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
+            state.save_tensors(i, saved, x)
+            if after_layer:
+                after_layer(i)
+            advance()
+    stats = _write(folder, gcfg, out, state, types, tok_meta)
+    state.remove()
+    _write_modelfile(out, tok_meta)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, types: dict[str, str],
+           tok_meta: dict) -> GGUFStats:
+    spec, arch = folder.spec, folder.arch
+    stats = GGUFStats()
+    linear_shorts = dict(LINEARS)
+    short_of = {}
+    for i in range(spec.num_layers):
+        for short, sfx in LINEARS + NORMS:
+            short_of[layer_tensor_name(arch, i, sfx)] = (i, short)
+            if short in ("q", "k", "v") and arch.qkv_bias:
+                short_of[layer_tensor_name(arch, i, sfx, "bias")] = (i, f"{short}_bias")
+
+    def tensors():
+        layer_cache: dict[int, dict[str, torch.Tensor]] = {}
+        for name in gguf_tensor_order(spec):
+            qtype = types[name]
+            if name in short_of:
+                i, short = short_of[name]
+                if i not in layer_cache:
+                    layer_cache.clear()
+                    layer_cache[i] = state.load_tensors(i)
+                t = layer_cache[i]
+                data = t[f"{short}.raw"].numpy() if f"{short}.raw" in t else t[short]
+            else:
+                data = folder.get(name)
+                if qtype not in FLOAT_TYPES:
+                    data, _ = rtn_tensor(data, qtype, None)  # embedding / head: no imatrix, as in llama.cpp
+            numel = int(np.prod(folder.shape(name)))
+            nbytes = data.nbytes if isinstance(data, np.ndarray) else numel * (2 if qtype == "F16" else 4)
+            stats.add(qtype, numel, nbytes, linear=name in short_of and short_of[name][1] in linear_shorts)
+            yield name, data, qtype
+
+    write_gguf(out, folder.config, tensors, tok_meta, name=Path(folder.path).name,
+               file_type=FILE_TYPES[gcfg.file_type][1])
+    return stats
+
+
+def _write_modelfile(out: Path, tok_meta: dict) -> Path:
+    """An Ollama Modelfile beside the GGUF (`ollama create NAME -f X.Modelfile`)."""
+    lines = [f"FROM ./{out.name}"]
+    template = tok_meta.get("chat_template") or ""
+    if "<|im_start|>" in template:  # ChatML, as SmolLM2 and Qwen use
+        lines += ['TEMPLATE """{{ if .System }}<|im_start|>system',
+                  '{{ .System }}<|im_end|>', '{{ end }}{{ if .Prompt }}<|im_start|>user',
+                  '{{ .Prompt }}<|im_end|>', '{{ end }}<|im_start|>assistant', '{{ .Response }}<|im_end|>', '"""',
+                  'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"']
+    path = out.with_name(out.stem + ".Modelfile")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    return path
