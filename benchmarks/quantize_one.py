@@ -1,7 +1,9 @@
 """Quantize with lowbit in a child process, so the harness measures its wall time and peak RSS alone.
 
-Usage: python quantize_one.py MODEL_DIR CONFIG OUT_DIR [CALIB_TOKENS.npy]
-CALIB_TOKENS.npy is an int64 [samples, seqlen] matrix, the same one given to every peer.
+Usage: python quantize_one.py MODEL_DIR CONFIG OUT [CALIB_TOKENS.npy] [IMATRIX]
+CONFIG is a lowbit config string (rtn:4:128, gptq:4:128:act, ...) written as a lowbit checkpoint
+folder, or gguf:TYPE:METHOD (gguf:Q4_K_M:gptq) written as a GGUF file.
+CALIB_TOKENS.npy is an int64 [samples, seqlen] matrix, the same one given to every peer ('-' for none).
 """
 
 from __future__ import annotations
@@ -13,14 +15,22 @@ import numpy as np
 import torch
 
 from lowbit.calib.dataset import CalibSet
+from lowbit.formats.imatrix import read_imatrix
+from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
 from lowbit.quant.methods import parse_config
 from lowbit.quant.pipeline import quantize_checkpoint
 
 if __name__ == "__main__":
     model, config, out = sys.argv[1:4]
     calib = None
-    if len(sys.argv) > 4:
+    if len(sys.argv) > 4 and sys.argv[4] != "-":
         tokens = torch.from_numpy(np.load(sys.argv[4]).astype(np.int64))
         calib = CalibSet(tokens, {"file": Path(sys.argv[4]).name, "samples": tokens.shape[0],
                                   "seqlen": tokens.shape[1]})
-    quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)
+    if config.startswith("gguf:"):
+        _, file_type, method = config.split(":")
+        imatrix = read_imatrix(Path(sys.argv[5])) if len(sys.argv) > 5 else None
+        quantize_to_gguf(Path(model), GGUFConfig(file_type, method), Path(out), overwrite=True,
+                         calib=calib if method != "rtn" else None, imatrix=imatrix)
+    else:
+        quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)

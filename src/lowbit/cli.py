@@ -107,7 +107,7 @@ def quantize(
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
     if fmt == "gguf":
-        _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, damp, output, overwrite,
+        _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     from lowbit.formats.atomic import check_writable_target
@@ -136,7 +136,7 @@ def quantize(
          f"{stats.bpw_model:.3f} over the model, {stats.seconds:.1f} s)")
 
 
-def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, damp, output, overwrite,
+def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                    calib_args) -> None:
     from lowbit.formats.atomic import check_writable_target
     from lowbit.formats.imatrix import read_imatrix
@@ -144,7 +144,9 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, act_order, da
     from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
     from lowbit.report.progress import info
 
-    gcfg = GGUFConfig(gguf_type, method, act_order, damp, tuple(tensor_type or ()))
+    # GPTQ onto block grids always visits columns in act-order: the blocks' fits are static then, so
+    # the file needs no g_idx, and it measured better than the natural order on every type.
+    gcfg = GGUFConfig(gguf_type, method, True, damp, tuple(tensor_type or ()))
     if output.suffix != ".gguf":
         raise LowbitError(f"-o {output}: a GGUF output must be a file ending in .gguf")
     model_dir = resolve_model(model)

@@ -13,6 +13,7 @@ lands on its block grid:
   awq   AWQ's activation-aware scales, searched against the block grids the
         tensors will really use and folded into the norms / producers, then
         llama.cpp's search on the smoothed weights with the smoothed imatrix.
+  awq-gptq  AWQ's smoothing, then GPTQ on the smoothed weights and inputs.
 
 The run is sequential and resumable like lowbit's own checkpoints: each
 finished layer's rows go to `.OUT.partial/`, and the GGUF is written
@@ -51,7 +52,7 @@ from lowbit.quant.pipeline import FORWARD_BATCH, PartialRun
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
 from lowbit.report.progress import info, progress
 
-GGUF_METHODS = ("rtn", "gptq", "awq")
+GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 FLOAT_TYPES = ("F32", "F16")
 AWQ_NORM_GRID = GridConfig(4, 32)  # only used to normalise |w| per 32-column block in AWQ's duo scaling
 
@@ -62,7 +63,7 @@ class GGUFConfig:
 
     file_type: str = "Q4_K_M"
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool = True  # GPTQ only; block fits are static then, so the file needs no g_idx
     damp_percent: float = 0.01
     tensor_types: tuple[str, ...] = ()
 
@@ -71,13 +72,21 @@ class GGUFConfig:
         if self.method not in GGUF_METHODS:
             raise LowbitError(f"--method {self.method!r} cannot target GGUF block types; choose one of: "
                               f"{', '.join(GGUF_METHODS)}")
-        if self.act_order and self.method != "gptq":
-            raise LowbitError("--act-order applies to --method gptq only")
+        if not self.uses_gptq:
+            object.__setattr__(self, "act_order", False)
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method in ("gptq", "awq-gptq")
+
+    @property
+    def smooths(self) -> bool:
+        return self.method in ("awq", "awq-gptq")
         parse_overrides(list(self.tensor_types))
 
     @property
     def name(self) -> str:
-        return f"{self.method}{'-act' if self.act_order else ''}:{self.file_type}"
+        return f"{self.method}{'' if self.act_order or not self.uses_gptq else '-noact'}:{self.file_type}"
 
     def to_dict(self) -> dict:
         return {"file_type": self.file_type, "method": self.method, "act_order": self.act_order,
@@ -173,10 +182,10 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     stats = None
     if gcfg.method != "rtn":
         assert x is not None
-        stats = LayerStats(hessian=True, activations=gcfg.method == "awq")
+        stats = LayerStats(hessian=True, activations=gcfg.smooths)
         for sl in batches(x.shape[0], FORWARD_BATCH):
             decoder_layer(x[sl], w, spec, rope, hook=stats)
-    if gcfg.method == "awq":
+    if gcfg.smooths:
         fakes = {s: _fake_block(types[names[s]]) for s, _ in LINEARS}
         awq.smooth_block(w, stats, AWQ_NORM_GRID, spec, fakes=fakes)
     raws: dict[str, np.ndarray] = {}
@@ -185,15 +194,14 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
         fh = None
         for m in members:
             qtype = types[names[m]]
-            imp = _importance(imatrix, names[m])
-            if gcfg.method == "gptq" and qtype not in FLOAT_TYPES:
+            # a given imatrix describes the unsmoothed inputs: after AWQ use the smoothed statistics
+            imp = _stats_importance(stats, m) if gcfg.smooths else _importance(imatrix, names[m])
+            if gcfg.uses_gptq and qtype not in FLOAT_TYPES:
                 if fh is None:  # one factorization per input group, shared by its linears
                     fh = factor_hessian(stats.for_linear(lead).hessian, w[m].shape[1], names[m], _gptq_cfg(gcfg))
                 res = quantize_block_gptq(w[m], fh, block_type(qtype), imp, _gptq_cfg(gcfg))
                 raws[m], deq[m] = res.raw, res.dequantized
                 continue
-            if gcfg.method == "awq":
-                imp = _stats_importance(stats, m)  # mean x^2 of the *smoothed* inputs (a given imatrix predates them)
             raw, deq[m] = rtn_tensor(w[m], qtype, imp)
             if raw is not None:
                 raws[m] = raw
@@ -204,12 +212,21 @@ def _gptq_cfg(gcfg: GGUFConfig) -> GPTQConfig:
     return GPTQConfig(damp_percent=gcfg.damp_percent, act_order=gcfg.act_order, block_size=256)
 
 
+# lowbit grids standing in for each block type inside AWQ's scale search: same bits, same symmetry,
+# 32-column groups. The search only ranks ~20 candidate scalings, and llama.cpp's own K-quant search
+# costs ~0.4 s per tensor per candidate; the final rounding always uses the real block search.
+PROXY_GRID = {"Q8_0": GridConfig(8, 32), "Q4_0": GridConfig(4, 32), "Q5_0": GridConfig(5, 32),
+              "Q4_1": GridConfig(4, 32, False), "Q5_1": GridConfig(5, 32, False), "Q2_K": GridConfig(2, 32, False),
+              "Q3_K": GridConfig(3, 32), "Q4_K": GridConfig(4, 32, False), "Q5_K": GridConfig(5, 32, False),
+              "Q6_K": GridConfig(6, 32)}
+
+
 def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Quantize-dequantize onto a block type by llama.cpp's plain search (AWQ's scale search)."""
+    """Quantize-dequantize onto (a stand-in for) a block type, for AWQ's scale search."""
     if qtype in FLOAT_TYPES:
         return lambda t: _as_float(t, qtype)
-    bt = block_type(qtype)
-    return lambda t: torch.from_numpy(bt.dequantize(bt.quantize(t.float().numpy()), t.shape[1]))
+    grid = PROXY_GRID[qtype]
+    return lambda t: awq.fake_quant(t, grid)
 
 
 # ---------------------------------------------------------------- whole model
