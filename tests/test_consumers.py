@@ -53,21 +53,27 @@ EXPORTS = [
 ]
 
 
+def quantize_each(model_dir: Path, configs: list[str], root: Path) -> dict[str, Path]:
+    """One real checkpoint per distinct lowbit config; calibrated methods use 8 x 256 tokens of wiki-calib."""
+    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(8, 256, seed=0))
+    ckpts = {}
+    for cfg in dict.fromkeys(configs):
+        qcfg = parse_config(cfg)
+        ckpts[cfg] = root / cfg.replace(":", "_")
+        quantize_checkpoint(model_dir, qcfg, ckpts[cfg], calib=calib if qcfg.method != "rtn" else None)
+    return ckpts
+
+
 @pytest.fixture(scope="module")
 def loaded(model_dir: Path, session: Session, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if not PEER_PY.is_file():
         pytest.skip(f"{PEER_PY} missing: run `make consumers` (or benchmarks/peers/setup_peer_venvs.sh gptqmodel)")
     root = tmp_path_factory.mktemp("consumers")
-    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(8, 256, seed=0))
-    ckpts, jobs = {}, []
+    ckpts = quantize_each(model_dir, [cfg for cfg, _, _ in EXPORTS], root)
+    jobs = []
     for cfg, fmt, dtype in EXPORTS:
-        ck = root / cfg.replace(":", "_")
-        if cfg not in ckpts:
-            qcfg = parse_config(cfg)
-            quantize_checkpoint(model_dir, qcfg, ck, calib=calib if qcfg.method != "rtn" else None)
-            ckpts[cfg] = ck
-        folder = export_checkpoint(ck, fmt, root / f"{ck.name}-{fmt}")
-        jobs.append({"folder": str(folder), "out": str(root / f"{ck.name}-{fmt}.out.safetensors"), "dtype": dtype})
+        folder = export_checkpoint(ckpts[cfg], fmt, root / f"{ckpts[cfg].name}-{fmt}")
+        jobs.append({"folder": str(folder), "out": f"{folder}.out.safetensors", "dtype": dtype})
     save_file({"tokens": session.windows.tokens}, str(root / "tokens.safetensors"))
     (root / "jobs.json").write_text(json.dumps({"tokens": str(root / "tokens.safetensors"), "jobs": jobs}))
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1"}

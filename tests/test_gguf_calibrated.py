@@ -1,6 +1,6 @@
 """Calibrated GGUF: GPTQ and AWQ landing on llama.cpp's block grids, resumable, and run by llama.cpp.
 
-Quality on the full model is measured by benchmarks/gguf.py (too slow for the suite); here the
+Quality on the full model is measured by benchmarks/gguf_kquants.py (too slow for the suite); here the
 algorithm is checked on a synthetic layer against its own objective, and the pipeline on the
 real model cut to two layers.
 """

@@ -186,3 +186,31 @@ def test_tensor_type_override(model_dir: Path) -> None:
     assert all(t == "Q8_0" for n, t in types.items() if "v_proj" in n)
     assert types["model.layers.0.mlp.up_proj.weight"] == "F16"
     assert types["model.layers.1.mlp.up_proj.weight"] == "Q5_0"
+
+
+def test_gguf_round_trip_to_hf(ours: dict[str, Path], model_dir: Path, tmp_path: Path) -> None:
+    """Our Q4_K_M read back by lowbit's GGUF reader: the architecture, the tokenizer (ids on real text),
+    the file type and the weights (gguf-py's dequantization of every block) all come back."""
+    import json
+
+    from lowbit.formats.gguf import gguf_to_hf_folder
+    from lowbit.model.hf import ModelFolder as Folder
+
+    reader = open_gguf(ours["Q4_K_M"])
+    assert int(reader.fields["general.file_type"].contents()) == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert int(reader.fields["general.quantization_version"].contents()) == 2
+    back = tmp_path / "back"
+    gguf_to_hf_folder(ours["Q4_K_M"], back)
+    src = json.loads((model_dir / "config.json").read_text())
+    got = json.loads((back / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "rms_norm_eps", "tie_word_embeddings"):
+        assert got[key] == src[key], key
+    text = "The Moon is Earth's only natural satellite, 384,399 km away. <|im_start|>user"
+    assert load_tokenizer(back)(text)["input_ids"] == load_tokenizer(model_dir)(text)["input_ids"]
+    from lowbit.quant.ggml_blocks import block_type
+
+    name = "model.layers.3.mlp.down_proj.weight"
+    w = Folder(model_dir).get(name).numpy()
+    bt = block_type({t.name: t.tensor_type.name for t in reader.tensors}["blk.3.ffn_down.weight"])
+    assert np.array_equal(Folder(back).get(name).numpy(), bt.dequantize(bt.quantize(w), w.shape[1]))

@@ -23,7 +23,6 @@ from lowbit.errors import LowbitError
 from lowbit.eval.compare import Session
 from lowbit.eval.metrics import token_kld
 from lowbit.formats.awq_ckpt import AWQ
-from lowbit.formats.compressed_tensors import COMPRESSED_TENSORS
 from lowbit.formats.gptq_ckpt import GPTQ
 from lowbit.formats.hf_export import (HFExport, export_checkpoint, formats, merge_groups, pack_int32, regroup,
                                       unpack_int32)

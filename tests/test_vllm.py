@@ -23,14 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowbit.calib.dataset import CalibConfig, build_calibration
-from lowbit.calib.text import default_calib_text
 from lowbit.eval.compare import Session
-from lowbit.eval.data import load_tokenizer
 from lowbit.formats.gptq_ckpt import GPTQ
 from lowbit.formats.hf_export import HFExport, export_checkpoint
-from lowbit.quant.methods import parse_config
-from lowbit.quant.pipeline import quantize_checkpoint
+from test_consumers import quantize_each
 
 pytestmark = pytest.mark.vllm
 
@@ -51,18 +47,14 @@ def served(model_dir: Path, session: Session, tmp_path_factory: pytest.TempPathF
     if not VLLM_PY.is_file():
         pytest.skip(f"{VLLM_PY} missing: run `make vllm` (or benchmarks/peers/setup_peer_venvs.sh vllm)")
     root = tmp_path_factory.mktemp("vllm")
-    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(8, 256, seed=0))
-    ckpts, jobs, keys = {}, [], []
+    ckpts = quantize_each(model_dir, [cfg for cfg, *_ in SERVED + REFUSED], root)
+    for cfg, ck in ckpts.items():
+        if any(c == cfg for c, _ in SERVED):  # the transformers reference
+            export_checkpoint(ck, "compressed-tensors", root / f"{ck.name}-ref")
+    jobs, keys = [], []
     for cfg, fmt, *_ in SERVED + REFUSED:
-        ck = root / cfg.replace(":", "_")
-        if cfg not in ckpts:
-            qcfg = parse_config(cfg)
-            quantize_checkpoint(model_dir, qcfg, ck, calib=calib if qcfg.method != "rtn" else None)
-            ckpts[cfg] = ck
-            if qcfg.grid.bits in (4, 8) and not qcfg.act_order:  # the transformers reference
-                export_checkpoint(ck, "compressed-tensors", root / f"{ck.name}-ref")
-        folder = export_checkpoint(ck, fmt, root / f"{ck.name}-{fmt}")
-        jobs.append({"folder": str(folder), "out": str(root / f"{ck.name}-{fmt}.json")})
+        folder = export_checkpoint(ckpts[cfg], fmt, root / f"{ckpts[cfg].name}-{fmt}")
+        jobs.append({"folder": str(folder), "out": f"{folder}.json"})
         keys.append((cfg, fmt))
     tokens = session.windows.tokens[:WINDOWS, :TOKENS]
     (root / "jobs.json").write_text(json.dumps({"tokens": tokens.tolist(), "jobs": jobs}))

@@ -6,8 +6,8 @@ llama.cpp's imatrix GGUF format), the same llama.cpp mix for every file (so
 equal type = equal file size), and every row scored by the same forward pass
 and KLD code on held-out text. Writes benchmarks/results/<name>.{json,md}.
 
-    python benchmarks/gguf.py                                  # Q4_K_M, Q3_K_M, Q2_K
-    python benchmarks/gguf.py --types Q8_0,Q6_K,Q5_K_M --methods gptq
+    python benchmarks/gguf_kquants.py                                  # Q4_K_M, Q3_K_M, Q2_K
+    python benchmarks/gguf_kquants.py --types Q8_0,Q6_K,Q5_K_M --methods gptq
 """
 
 from __future__ import annotations
