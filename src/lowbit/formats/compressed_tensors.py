@@ -33,7 +33,6 @@ from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 def _library():
     try:
-        import compressed_tensors  # noqa: F401
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.config import CompressionFormat
         from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,

@@ -86,10 +86,6 @@ class TensorInfo:
     grid: GridConfig
     act_order: bool  # a g_idx (act-order) that is not column // group_size
 
-    @classmethod
-    def from_quantized(cls, name: str, qt: QuantizedTensor) -> "TensorInfo":
-        return cls(name, qt.shape, qt.config, qt.g_idx is not None)
-
 
 def linear_suffixes() -> tuple[str, ...]:
     return tuple(f".{sfx}.weight" for _, sfx in LINEARS)
@@ -118,7 +114,7 @@ class HFFormat:
             return "act-order g_idx (it has no column-to-group map)"
         if group != g.group_size and info.act_order:
             return (f"act-order groups of {g.group_size} over {n_in} columns (a ragged last group, and "
-                    "act-order groups cannot be split into whole smaller ones)")
+                    f"act-order groups cannot be split into whole smaller ones; --group-size {group} fits)")
         if group not in self.group_sizes:
             sizes = ", ".join("channel" if s == -1 else str(s) for s in self.group_sizes)
             if group == g.group_size:
@@ -200,7 +196,8 @@ def check_representable(fmt: HFFormat, infos: list[TensorInfo]) -> int:
         reason = fmt.problem(info, group)
         if reason is None:
             continue
-        others = [f.name for f in formats().values() if f is not fmt and all(f.problem(i, group) is None for i in infos)]
+        others = [f.name for f in formats().values()
+                  if f is not fmt and all(f.problem(i, group) is None for i in infos)]
         instead = " or ".join(f"--format {o}" for o in others) or "--format lowbit (no HF format holds this grid)"
         raise LowbitError(f"{fmt.name} cannot hold {reason} [{info.name}, {info.grid.tag()}]; use {instead} instead")
     return group
@@ -266,6 +263,7 @@ def export_checkpoint(checkpoint: Path, fmt_name: str, out: Path, overwrite: boo
     grid, act = infos[0].grid, any(i.act_order for i in infos)
     stored = GridConfig(grid.bits, group, grid.symmetric)
     quant_names = set(ck.quantized_names)
+    file_bits = n_weights = 0
     with atomic_dir(out) as tmp:
         shards = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
         for name in ck.store.names():  # lowbit stores X.weight as X.qweight, X.scales, ...
@@ -273,12 +271,15 @@ def export_checkpoint(checkpoint: Path, fmt_name: str, out: Path, overwrite: boo
             if f"{base}.weight" not in quant_names:
                 shards.add(name, ck.store.raw(name))
             elif sfx == "qweight":
-                for fsfx, t in fmt.pack(regroup(ck.quantized(f"{base}.weight"), group)).items():
+                qt = regroup(ck.quantized(f"{base}.weight"), group)
+                for fsfx, t in fmt.pack(qt).items():
                     shards.add(f"{base}.{fsfx}", t)
+                    file_bits += t.numel() * t.element_size() * 8
+                n_weights += qt.codes.numel()
         shards.close()
         meta = {"quant": ck.meta.get("quant", {}), "calibration": ck.meta.get("calibration"),
                 "stats": ck.meta.get("stats", {}), "source_model": ck.meta.get("source_model"),
-                "lowbit_version": __version__}
+                "lowbit_version": __version__, "file_bpw": file_bits / max(1, n_weights)}
         fmt.write_config(tmp, ck.config, stored, act, meta)
         for f in TOKENIZER_FILES:
             if (ck.path / f).is_file():
@@ -319,7 +320,8 @@ def model_card(fmt: HFFormat, grid: GridConfig, stored: GridConfig, act: bool, m
              f"| weights | {grid.bits}-bit, {group}, {'symmetric' if grid.symmetric else 'asymmetric'}"
              f"{stored_note} |",
              f"| source model | {meta.get('source_model') or '?'} |",
-             f"| bits per weight (quantized linears, scales and zeros included) | {meta.get('stats', {}).get('bpw', 0):.3f} |"]
+             "| bits per weight of the quantized linears in this file (codes, scales, zeros, g_idx) | "
+             f"{meta['file_bpw']:.3f} (lowbit's grid: {meta.get('stats', {}).get('bpw', 0):.3f}) |"]
     calib = meta.get("calibration")
     if calib:
         lines.append(f"| calibration set | {Path(calib['file']).name}: {calib['samples']} samples x {calib['seqlen']} "
@@ -331,16 +333,19 @@ def model_card(fmt: HFFormat, grid: GridConfig, stored: GridConfig, act: bool, m
         m = measurement
         lines += ["## Measured quality", "",
                   f"Against the unquantized source on {m['n_tokens']} held-out tokens of {m['eval_text']} "
-                  f"({m['windows']} windows of {m['ctx']} tokens), through lowbit's own forward of these exact weights:", "",
+                  f"({m['windows']} windows of {m['ctx']} tokens), through lowbit's own forward of these exact "
+                  "weights:", "",
                   "| KLD mean | KLD p99 | top-1 agreement | PPL | PPL (source) |", "|---|---|---|---|---|",
-                  f"| {m['kld_mean']:.5f} | {m['kld_p99']:.5f} | {m['top1']:.4f} | {m['ppl']:.3f} | {m['ppl_fp']:.3f} |", ""]
+                  f"| {m['kld_mean']:.5f} | {m['kld_p99']:.5f} | {m['top1']:.4f} | {m['ppl']:.3f} "
+                  f"| {m['ppl_fp']:.3f} |", ""]
     else:
         lines += ["Quality was not measured for this export (`--no-measure`).", ""]
     note = fmt.runtime_note(grid, act)
-    lines += ["## Loading", "", *([f"Note: {note}.", ""] if note else []), "```python", "from transformers import AutoModelForCausalLM",
+    lines += ["## Loading", "", *([f"Note: {note}.", ""] if note else []),
+              "```python", "from transformers import AutoModelForCausalLM",
               "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
-              f"Needs {LOADER_HINT.get(fmt.name, 'its loader')}; vLLM loads the folder as it is "
-              "(`vllm serve PATH`).", ""]
+              f"Needs {LOADER_HINT.get(fmt.name, 'its loader')}"
+              + ("." if note else "; vLLM loads the folder as it is (`vllm serve PATH`)."), ""]
     return "\n".join(lines)
 
 
