@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from llamacpp_judge import llama, llamacpp_logits
 
 from lowbit.eval.data import load_tokenizer, tokenize_text
 from lowbit.eval.metrics import token_kld
@@ -61,17 +62,14 @@ def f32_gguf(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _llamacpp(path: Path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    # F32 KV cache so llama.cpp's own arithmetic adds no rounding of its own.
-    return llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                           type_k=0, type_v=0, n_threads=2)
+    pytest.importorskip("llama_cpp")
+    return llama(path)
 
 
 def test_logits_match_llama_cpp(f32_gguf: Path, text_ids: list[int], our_logits: torch.Tensor) -> None:
     """Our model vs llama.cpp running the same GGUF on the same real text."""
-    llm = _llamacpp(f32_gguf)
-    llm.eval(text_ids)
-    ref = torch.from_numpy(np.array(llm.scores[: len(text_ids)], dtype=np.float32))
+    pytest.importorskip("llama_cpp")
+    ref = llamacpp_logits(f32_gguf, text_ids)
     kld = token_kld(torch.log_softmax(ref, -1), our_logits)
     top1 = float((ref.argmax(-1) == our_logits.argmax(-1)).float().mean())
     assert top1 > 0.99
