@@ -17,6 +17,7 @@ from llamacpp_judge import llama, llamacpp_logits, llamacpp_vs_lowbit
 from lowbit.eval.data import load_tokenizer, tokenize_text
 from lowbit.formats.gguf import hf_folder_to_gguf, open_gguf
 from lowbit.model.hf import ModelFolder
+from lowbit.quant.ggml_blocks import block_type
 from lowbit.quant.gguf_pipeline import GGUFConfig, plan_types, quantize_to_gguf
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -85,8 +86,7 @@ def test_rtn_blocks_equal_llamacpp(theirs: dict[str, Path], ours: dict[str, Path
         if t.tensor_type.name in ("F32", "F16"):
             assert np.array_equal(a, b), name
             continue
-        block_bytes = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q2_K": 84, "Q3_K": 110,
-                       "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[t.tensor_type.name]
+        block_bytes = block_type(t.tensor_type.name).bytes_per_block
         blocks_a, blocks_b = a.reshape(-1, block_bytes), b.reshape(-1, block_bytes)
         same += int((blocks_a == blocks_b).all(1).sum())
         total += blocks_a.shape[0]
@@ -134,8 +134,6 @@ def one_layer_files(model_dir: Path, work: Path) -> dict[str, Path]:
     import json
 
     from lowbit.formats.gguf import gguf_tensor_order, tokenizer_metadata, write_gguf
-    from lowbit.quant.ggml_blocks import block_type
-
     folder = ModelFolder(model_dir)
     config = {**json.loads((model_dir / "config.json").read_text()), "num_hidden_layers": 1}
     meta = tokenizer_metadata(model_dir)
@@ -208,8 +206,6 @@ def test_gguf_round_trip_to_hf(ours: dict[str, Path], model_dir: Path, tmp_path:
         assert got[key] == src[key], key
     text = "The Moon is Earth's only natural satellite, 384,399 km away. <|im_start|>user"
     assert load_tokenizer(back)(text)["input_ids"] == load_tokenizer(model_dir)(text)["input_ids"]
-    from lowbit.quant.ggml_blocks import block_type
-
     name = "model.layers.3.mlp.down_proj.weight"
     w = Folder(model_dir).get(name).numpy()
     bt = block_type({t.name: t.tensor_type.name for t in reader.tensors}["blk.3.ffn_down.weight"])

@@ -30,8 +30,6 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q6_K": ("Q6_K", 18),
 }
 BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-BLOCK_SIZE = {"F32": 1, "F16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
-              "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 # What llama.cpp falls back to when a row is not a multiple of the type's block.
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -71,6 +69,12 @@ def parse_overrides(specs: list[str] | None) -> list[tuple[re.Pattern, str]]:
     return out
 
 
+def _block_size(qtype: str) -> int:
+    from lowbit.quant.ggml_blocks import block_type
+
+    return 1 if qtype in ("F32", "F16") else block_type(qtype).block
+
+
 def _more_bits(i: int, n: int) -> bool:
     """The layers llama.cpp favours: the first and last eighth, and every third in between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -102,7 +106,7 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
               has_imatrix: bool) -> str:
     """The per-category promotion of one tensor (before the shape fallback)."""
     if cat == "output" or (st.tied and cat == "token_embd"):
-        if info.n_cols % BLOCK_SIZE[qtype] != 0:
+        if info.n_cols % _block_size(qtype) != 0:
             return "Q8_0"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
@@ -145,10 +149,10 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
 
 
 def _shape_fallback(qtype: str, n_cols: int) -> str:
-    if n_cols % BLOCK_SIZE[qtype] == 0:
+    if n_cols % _block_size(qtype) == 0:
         return qtype
     fallback = SHAPE_FALLBACK.get(qtype, qtype)
-    return fallback if n_cols % BLOCK_SIZE[fallback] == 0 else "F16"
+    return fallback if n_cols % _block_size(fallback) == 0 else "F16"
 
 
 def quantizable(info: TensorInfo) -> bool:
