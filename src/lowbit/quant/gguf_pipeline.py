@@ -40,7 +40,7 @@ from lowbit.formats.atomic import check_writable_target
 from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, tokenizer_metadata, write_gguf
 from lowbit.formats.imatrix import Imatrix
 from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
-from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
+from lowbit.model.forward import batches, decoder_layer
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import awq
 from lowbit.quant.ggml_blocks import block_type
@@ -48,9 +48,8 @@ from lowbit.quant.gguf_mix import FILE_TYPES, TensorInfo, choose_types, parse_fi
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
-from lowbit.quant.pipeline import FORWARD_BATCH, PartialRun
+from lowbit.quant.pipeline import FORWARD_BATCH, PartialRun, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
-from lowbit.report.progress import info, progress
 
 GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 FLOAT_TYPES = ("F32", "F16")
@@ -245,31 +244,14 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     types = plan_types(folder, gcfg, imatrix is not None)
     tok_meta = tokenizer_metadata(Path(model_dir))
     state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
-    if state.done:
-        info(f"resuming {gcfg.name} after layer {state.done - 1} from {state.dir}")
-    x = rope = None
-    if gcfg.method != "rtn":
-        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
-        x = state.load_activations()
-        if x is None:
-            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
-    with torch.inference_mode(), progress(f"quantize {gcfg.name}", spec.num_layers) as advance:
-        for _ in range(state.done):
-            advance()
-        for i in range(state.done, spec.num_layers):
-            w = layer_weights(folder.get, spec, i)
-            names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
-            raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix)
-            if x is not None:
-                full = {**w, **deq}
-                for sl in batches(x.shape[0], FORWARD_BATCH):
-                    x[sl] = decoder_layer(x[sl], full, spec, rope)
-            saved = {k: v for k, v in w.items() if k not in raws}
-            saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
-            state.save_tensors(i, saved, x)
-            if after_layer:
-                after_layer(i)
-            advance()
+
+    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
+        raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix)
+        saved = {k: v for k, v in w.items() if k not in raws}
+        saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
+        return deq, saved
+
+    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer)
     stats = _write(folder, gcfg, out, state, types, tok_meta)
     state.remove()
     _write_modelfile(out, tok_meta)

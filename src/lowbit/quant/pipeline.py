@@ -107,13 +107,12 @@ def _quantize_jointly(method: Method, w: dict[str, torch.Tensor], stats: LayerSt
     return out
 
 
-def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], qts: dict[str, QuantizedTensor], spec: ModelSpec,
+def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], deq: dict[str, torch.Tensor], spec: ModelSpec,
               rope) -> torch.Tensor:
-    """The next layer's inputs: this layer run with its quantized weights."""
-    deq = dict(w)
-    deq.update({short: qt.dequantize() for short, qt in qts.items()})
+    """The next layer's inputs: this layer run with its linears replaced by their dequantized weights."""
+    full = {**w, **deq}
     for sl in batches(x.shape[0], FORWARD_BATCH):
-        x[sl] = decoder_layer(x[sl], deq, spec, rope)
+        x[sl] = decoder_layer(x[sl], full, spec, rope)
     return x
 
 
@@ -144,14 +143,15 @@ class PartialRun:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
 
-    def save_layer(self, i: int, qts: dict[str, QuantizedTensor], w: dict[str, torch.Tensor],
-                   x: torch.Tensor | None) -> None:
+    @staticmethod
+    def flatten(qts: dict[str, QuantizedTensor], w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One layer's results as named tensors: the unquantized ones plus codes/scales/zeros[/g_idx]."""
         tensors = {k: v for k, v in w.items() if k not in qts}
         for short, qt in qts.items():
             tensors.update({f"{short}.codes": qt.codes, f"{short}.scales": qt.scales, f"{short}.zeros": qt.zeros})
             if qt.g_idx is not None:
                 tensors[f"{short}.g_idx"] = qt.g_idx
-        self.save_tensors(i, tensors, x)
+        return tensors
 
     def save_tensors(self, i: int, tensors: dict[str, torch.Tensor], x: torch.Tensor | None) -> None:
         """Layer i's results, then the next layer's inputs, then the state: each replaced atomically."""
@@ -191,6 +191,43 @@ def run_key(model_dir: Path, qcfg: QuantConfig, calib: CalibSet | None) -> str:
 
 # ---------------------------------------------------------------- whole model
 
+# (layer index, its weights, its calibration inputs or None, rope, HF names of its linears)
+#   -> (dequantized linears to run the next layer's inputs through, tensors to persist for the layer)
+LayerStep = Callable[[int, dict, "torch.Tensor | None", object, dict],
+                     tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+
+
+def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: CalibSet | None, step: LayerStep,
+                   after_layer: Callable[[int], None] | None = None) -> None:
+    """Drive `step` over the layers from the first one `state` lacks, persisting each result.
+
+    With calibration, layer i's inputs are the calibration tokens run through layers < i
+    *quantized* (resumed from the saved activations), so every layer sees the error before it.
+    """
+    spec = folder.spec
+    if state.done:
+        info(f"resuming {label} after layer {state.done - 1} from {state.dir}")
+    x = rope = None
+    if calib is not None:
+        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
+        x = state.load_activations()
+        if x is None:
+            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+    with torch.inference_mode(), progress(f"quantize {label}", spec.num_layers) as advance:
+        for _ in range(state.done):
+            advance()
+        for i in range(state.done, spec.num_layers):
+            w = layer_weights(folder.get, spec, i)
+            names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
+            deq, saved = step(i, w, x, rope, names)
+            if x is not None:
+                x = propagate(x, w, deq, spec, rope)
+            state.save_tensors(i, saved, x)
+            if after_layer:
+                after_layer(i)
+            advance()
+
+
 
 def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite: bool = False,
                         calib: CalibSet | None = None,
@@ -204,27 +241,12 @@ def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite
     spec = folder.spec
     t0 = time.perf_counter()
     state = PartialRun(out, run_key(model_dir, qcfg, calib if method.needs_calibration else None))
-    if state.done:
-        info(f"resuming {qcfg.name} after layer {state.done - 1} from {state.dir}")
-    x = rope = None
-    if method.needs_calibration:
-        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
-        x = state.load_activations()
-        if x is None:
-            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
-    with torch.inference_mode(), progress(f"quantize {qcfg.name}", spec.num_layers) as advance:
-        for _ in range(state.done):
-            advance()
-        for i in range(state.done, spec.num_layers):
-            w = layer_weights(folder.get, spec, i)
-            names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
-            qts = quantize_block(method, w, x, qcfg, spec, rope, names)
-            if x is not None:
-                x = propagate(x, w, qts, spec, rope)
-            state.save_layer(i, qts, w, x)
-            if after_layer:
-                after_layer(i)
-            advance()
+
+    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
+        qts = quantize_block(method, w, x, qcfg, spec, rope, names)
+        return {short: qt.dequantize() for short, qt in qts.items()}, PartialRun.flatten(qts, w)
+
+    run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer)
     stats = _assemble(folder, qcfg, out, state, calib if method.needs_calibration else None)
     state.remove()
     stats.seconds = time.perf_counter() - t0
