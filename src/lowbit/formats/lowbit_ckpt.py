@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
 from lowbit.model.arch import arch_for
 from lowbit.model.forward import layer_weights
-from lowbit.model.hf import ModelFolder, spec_from_config
+from lowbit.model.hf import ModelFolder, expected_tensor_names, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
 
 FORMAT_NAME = "lowbit"
@@ -66,10 +67,16 @@ class LowbitWriter:
         self.tensors[name] = {"shape": list(qt.shape), "bits": bits, "group_size": qt.config.group_size,
                               "symmetric": qt.config.symmetric, "act_order": qt.g_idx is not None}
 
+    def stored_name(self, name: str) -> str:
+        """The tensor that carries source tensor `name`: X.qweight for a quantized X.weight."""
+        return f"{name.removesuffix('.weight')}.qweight" if name in self.tensors else name
+
     def add_plain(self, name: str, tensor: torch.Tensor) -> None:
         self.shards.add(name, tensor)
 
     def close(self, meta: dict[str, Any]) -> None:
+        check_nothing_dropped(expected_tensor_names(self.source.arch, self.source.spec), self.shards.names,
+                              self.stored_name, "the lowbit checkpoint")
         self.shards.close()
         for f in self.source.tokenizer_files():
             shutil.copy2(f, self.dir / f.name)

@@ -112,6 +112,7 @@ class ShardedWriter:
         self._buffer_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
+        self.names: set[str] = set()  # every tensor added, for the writers' nothing-dropped check
 
     def add(self, name: str, tensor: torch.Tensor | np.ndarray) -> None:
         t = torch.from_numpy(np.ascontiguousarray(tensor)) if isinstance(tensor, np.ndarray) else tensor
@@ -119,7 +120,10 @@ class ShardedWriter:
         nbytes = t.numel() * t.element_size()
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
         self._buffer[name] = t
+        self.names.add(name)
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
 

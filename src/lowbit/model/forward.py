@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.arch import layer_name
 from lowbit.model.hf import ModelFolder, ModelSpec
 
 
@@ -34,13 +34,9 @@ class WeightSource(Protocol):
 
 
 def layer_weights(get: Callable[[str], torch.Tensor], spec: ModelSpec, i: int) -> dict[str, torch.Tensor]:
-    """Layer i's tensors under short names (q, k, ..., attn_norm, q_bias), fetched by full HF name."""
+    """Layer i's tensors under short names (q, k, ..., attn_norm, q_bias, q_norm), fetched by full HF name."""
     arch = spec.arch
-    out = {short: get(layer_tensor_name(arch, i, sfx)) for short, sfx in LINEARS + NORMS}
-    if arch.qkv_bias:
-        for short, sfx in LINEARS[:3]:
-            out[f"{short}_bias"] = get(layer_tensor_name(arch, i, sfx, "bias"))
-    return out
+    return {t.short: get(layer_name(arch, i, t)) for t in arch.layer_tensors()}
 
 
 class FolderWeights:
@@ -127,8 +123,11 @@ def attention_context(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSp
     """The attention context [B, T, heads*head_dim] that feeds o_proj, for normalised input x."""
     b, t, _ = x.shape
     hd = spec.head_dim
-    q = linear(x, w, "q").view(b, t, spec.num_heads, hd).transpose(1, 2)
-    k = linear(x, w, "k").view(b, t, spec.num_kv_heads, hd).transpose(1, 2)
+    q = linear(x, w, "q").view(b, t, spec.num_heads, hd)
+    k = linear(x, w, "k").view(b, t, spec.num_kv_heads, hd)
+    if "q_norm" in w:  # Qwen3: each head's q and k are RMS-normalised before the rotation
+        q, k = rms_norm(q, w["q_norm"], spec.rms_norm_eps), rms_norm(k, w["k_norm"], spec.rms_norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = linear(x, w, "v").view(b, t, spec.num_kv_heads, hd).transpose(1, 2)
     q, k = _apply_rope(q, rope), _apply_rope(k, rope)
     rep = spec.num_heads // spec.num_kv_heads

@@ -18,7 +18,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.safetensors_io import TensorStore
-from lowbit.model.arch import LINEARS, NORMS, Arch, arch_for, layer_tensor_name
+from lowbit.model.arch import IGNORED_SUFFIXES, Arch, arch_for, layer_name
 
 SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
 
@@ -89,15 +89,22 @@ class ModelFolder:
         self._check_complete()
 
     def _check_complete(self) -> None:
-        spec = self.spec
-        needed = [self.arch.embed, self.arch.final_norm]
-        if not spec.tie_word_embeddings:
-            needed.append(self.arch.lm_head)
-        for i in range(spec.num_layers):
-            needed += [layer_tensor_name(self.arch, i, sfx) for _, sfx in LINEARS + NORMS]
+        """Every tensor the arch needs is there, and nothing is there that lowbit would not carry.
+
+        A tensor outside the arch's layout (an MLP bias, a vision tower, ...) would be silently
+        dropped by every writer, so it is refused here, before any work, naming the tensor.
+        """
+        needed = expected_tensor_names(self.arch, self.spec)
         for name in needed:
             if name not in self.store:
                 raise LowbitError(f"{self.path}: tensor {name} is missing from the safetensors files")
+        known = set(needed) | {self.arch.lm_head}
+        for name in self.store.names():
+            if name not in known and not name.endswith(IGNORED_SUFFIXES):
+                raise LowbitError(
+                    f"{self.store.files[name]}: tensor {name} is not part of the {self.arch.model_type} layout "
+                    "lowbit reads, and would be lost in every export; remove it or use a model of a supported "
+                    "architecture")
 
     @cached_property
     def spec(self) -> ModelSpec:
@@ -123,3 +130,14 @@ class ModelFolder:
         names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "generation_config.json", "chat_template.jinja")
         return [self.path / n for n in names if (self.path / n).is_file()]
+
+
+def expected_tensor_names(arch: Arch, spec: ModelSpec) -> list[str]:
+    """Every tensor a checkpoint of this arch and shape holds (lm_head only when untied)."""
+    names = [arch.embed]
+    for i in range(spec.num_layers):
+        names += [layer_name(arch, i, t) for t in arch.layer_tensors()]
+    names.append(arch.final_norm)
+    if not spec.tie_word_embeddings:
+        names.append(arch.lm_head)
+    return names

@@ -39,7 +39,7 @@ from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats.atomic import check_writable_target
 from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, tokenizer_metadata, write_gguf
 from lowbit.formats.imatrix import Imatrix
-from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.arch import LINEARS, layer_name
 from lowbit.model.forward import batches, decoder_layer
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import awq
@@ -264,12 +264,7 @@ def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, 
     spec, arch = folder.spec, folder.arch
     stats = GGUFStats()
     linear_shorts = dict(LINEARS)
-    short_of = {}
-    for i in range(spec.num_layers):
-        for short, sfx in LINEARS + NORMS:
-            short_of[layer_tensor_name(arch, i, sfx)] = (i, short)
-            if short in ("q", "k", "v") and arch.qkv_bias:
-                short_of[layer_tensor_name(arch, i, sfx, "bias")] = (i, f"{short}_bias")
+    short_of = {layer_name(arch, i, t): (i, t.short) for i in range(spec.num_layers) for t in arch.layer_tensors()}
 
     def tensors():
         layer_cache: dict[int, dict[str, torch.Tensor]] = {}

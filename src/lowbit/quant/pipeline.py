@@ -32,7 +32,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats.atomic import atomic_dir, check_writable_target
 from lowbit.formats.lowbit_ckpt import LowbitWriter
-from lowbit.model.arch import LINEARS, NORMS, layer_tensor_name
+from lowbit.model.arch import LINEARS, layer_name, layer_tensor_name
 from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant.grid import GridConfig, QuantizedTensor, quantize_rtn
@@ -293,7 +293,5 @@ def _assemble(folder: ModelFolder, qcfg: QuantConfig, out: Path, state: PartialR
 
 
 def _plain_name(spec: ModelSpec, i: int, short: str) -> str:
-    sfx = dict(LINEARS + NORMS)
-    if short.endswith("_bias"):
-        return layer_tensor_name(spec.arch, i, sfx[short.removesuffix("_bias")], "bias")
-    return layer_tensor_name(spec.arch, i, sfx[short])
+    by_short = {t.short: t for t in spec.arch.layer_tensors()}
+    return layer_name(spec.arch, i, by_short[short])
