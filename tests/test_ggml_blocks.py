@@ -200,12 +200,25 @@ def imatrix_for(importance_by_gguf_name: dict[str, np.ndarray]):
     return {gguf_name_to_hf(k)[0]: ImatrixEntry(v, 1.0) for k, v in importance_by_gguf_name.items()}
 
 
+class _ToySpecials:
+    """Stands in for gguf.SpecialVocab for a vocabulary made of placeholder tokens."""
+
+    chat_template = None
+
+    def add_to_gguf(self, w, quiet: bool = False) -> None:
+        w.add_token_merges([])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(1)
+        w.add_add_bos_token(False)
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
     """A 2-layer Llama (hidden 256, ffn 512) with heavy-tailed and corner-case weights as an F32 GGUF,
     and a lazily filled cache of llama.cpp quantizations of it."""
     pytest.importorskip("llama_cpp")
     from lowbit.formats.gguf import write_gguf
+    from lowbit.formats.gguf_vocab import GGUFVocab
     from lowbit.peers.llamacpp import llamacpp_quantize
 
     rng = np.random.default_rng(0)
@@ -221,8 +234,7 @@ def synthetic(tmp_path_factory):
             tensors[f"model.layers.{i}.{short}.weight"] = sample_weights(rng, *shape)
         tensors[f"model.layers.{i}.input_layernorm.weight"] = np.ones(hidden)
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(hidden)
-    tok = {"model": "gpt2", "pre": "default", "tokens": [f"t{i}" for i in range(vocab)], "token_type": [1] * vocab,
-           "merges": [], "add_bos": False, "bos_id": 0, "eos_id": 1}
+    tok = GGUFVocab("gpt2", "default", [f"t{i}" for i in range(vocab)], [1] * vocab, None, _ToySpecials())
     root = tmp_path_factory.mktemp("ggml_blocks_synthetic")
     src = root / "f32.gguf"
     write_gguf(src, cfg, lambda: ((k, torch.from_numpy(np.asarray(v, np.float32)), "F32") for k, v in tensors.items()),

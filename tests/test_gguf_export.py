@@ -133,10 +133,10 @@ def one_layer_files(model_dir: Path, work: Path) -> dict[str, Path]:
     type, the rest F32 (any other quantized matmul would add llama.cpp's unexplained multi-matmul residue)."""
     import json
 
-    from lowbit.formats.gguf import gguf_tensor_order, tokenizer_metadata, write_gguf
+    from lowbit.formats.gguf import gguf_tensor_order, model_vocab, write_gguf
     folder = ModelFolder(model_dir)
     config = {**json.loads((model_dir / "config.json").read_text()), "num_hidden_layers": 1}
-    meta = tokenizer_metadata(model_dir)
+    meta = model_vocab(model_dir, config)
     files = {}
     for qtype in BLOCK_TYPES:
         def tensors(qtype=qtype):

@@ -36,8 +36,9 @@ def load_one(folder: str, tokens, out_path: str, dtype_name: str) -> dict:
     else:
         override = GPTQConfig(bits=qc["bits"], group_size=qc["group_size"], desc_act=qc["desc_act"], sym=qc["sym"],
                               backend="torch")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), device_map="cpu",
-                                                 quantization_config=override).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), device_map="cpu",
+                                                       quantization_config=override, output_loading_info=True)
+    model.eval()
     load_s = time.perf_counter() - t0
     out: dict[str, torch.Tensor] = {}
     kinds = set()
@@ -54,7 +55,7 @@ def load_one(folder: str, tokens, out_path: str, dtype_name: str) -> dict:
     with torch.inference_mode():
         out["__logits__"] = torch.stack([model(row[None]).logits[0].float() for row in tokens])
     summary = {"modules": sorted(kinds), "quantized": len(out) - 1, "load_seconds": round(load_s, 1),
-               "dtype": dtype_name}
+               "dtype": dtype_name, "loading_info": {k: sorted(map(str, v)) for k, v in info.items() if v}}
     save_file(out, out_path, metadata={k: json.dumps(v) for k, v in summary.items()})
     return summary
 
@@ -66,8 +67,9 @@ def main() -> int:
     torch.set_num_threads(2)
     spec = json.load(open(sys.argv[1]))
     tokens = load_file(spec["tokens"])["tokens"]
-    for job in spec["jobs"]:
-        print(job["folder"], json.dumps(load_one(job["folder"], tokens, job["out"], job.get("dtype", "float16"))),
+    for job in spec["jobs"]:  # a job may bring its own tokens (each family has its own tokenizer)
+        job_tokens = load_file(job["tokens"])["tokens"] if "tokens" in job else tokens
+        print(job["folder"], json.dumps(load_one(job["folder"], job_tokens, job["out"], job.get("dtype", "float16"))),
               flush=True)
     return 0
 

@@ -191,8 +191,11 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
 
     model = _field(reader, "tokenizer.ggml.model")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if model == "llama":
+        return _sentencepiece_tokenizer_files(path)
     if model != "gpt2":
-        raise LowbitError(f"{path}: tokenizer model {model!r} cannot be imported yet; only gpt2 BPE is supported")
+        raise LowbitError(f"{path}: tokenizer model {model!r} cannot be imported; lowbit imports byte-level BPE "
+                          "(gpt2) and SentencePiece (llama) vocabularies")
     tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
     types: list[int] = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
@@ -201,6 +204,13 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(specials)
+    bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:  # as Llama 3's file does
+        from tokenizers import processors
+
+        bos = tokens[int(bos_id)]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, int(bos_id))])
 
     def name_of(key: str) -> str | None:
         v = _field(reader, "tokenizer.ggml." + key)
@@ -221,6 +231,23 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
     if template:
         tcfg["chat_template"] = template
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
+
+
+def _sentencepiece_tokenizer_files(path: Path) -> dict[str, str]:
+    """A SentencePiece vocabulary (scores + token types) as tokenizer.json, through transformers' own GGUF
+    tokenizer reader (it rebuilds the merges from the scores), saved the way from_pretrained reads it."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for a vocabulary it cannot rebuild
+        raise LowbitError(f"{path}: its SentencePiece vocabulary cannot be rebuilt as a tokenizer ({exc})") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        return {f.name: f.read_text() for f in Path(tmp).iterdir() if f.name in ("tokenizer.json",
+                                                                                  "tokenizer_config.json")}
 
 
 def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
@@ -490,10 +517,11 @@ class GGUFWeights:
 
         reader = open_gguf(Path(path))
         self.config = gguf_config(reader, Path(path))
-        self.spec = spec_from_config(self.config, arch_for("llama", str(path)), Path(path))
+        self.spec = spec_from_config(self.config, arch_for(self.config["model_type"], str(path)), Path(path))
         self.tensors = gguf_tensors(reader, self.config)
-        self.types = {gguf_name_to_hf(t.name)[0]: t.tensor_type.name for t in reader.tensors}
-        self.nbytes = {gguf_name_to_hf(t.name)[0]: int(t.n_bytes) for t in reader.tensors}
+        weights = [t for t in reader.tensors if t.name != ROPE_FREQS]
+        self.types = {gguf_name_to_hf(t.name)[0]: t.tensor_type.name for t in weights}
+        self.nbytes = {gguf_name_to_hf(t.name)[0]: int(t.n_bytes) for t in weights}
         self.emulate_runtime = emulate_runtime
         head = "lm_head.weight" if "lm_head.weight" in self.types else "model.embed_tokens.weight"
         self.head_act_quant = self._rounder(head) if emulate_runtime else None
