@@ -224,7 +224,8 @@ def synthetic(tmp_path_factory):
     rng = np.random.default_rng(0)
     hidden, ffn, vocab = 256, 512, 256
     cfg = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": 2, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5}
+           "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": True}  # no output.weight: llama.cpp uses token_embd as the head
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
               "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
               "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
