@@ -346,12 +346,9 @@ def test_tensor_outside_the_arch_is_refused(models, tmp_path: Path) -> None:
         ModelFolder(bad)
 
 
-def test_unmappable_pretokenizer_fails_before_any_work(models, tmp_path: Path) -> None:
-    """A byte-level BPE whose pre-tokenizer llama.cpp cannot reproduce: one line naming tokenizer.json,
-    raised before quantization starts, and nothing written."""
+def _odd_tokenizer_model(models, tmp_path: Path) -> Path:
+    """The qwen2 model with a pre-tokenizer (split around vowels) that no llama.cpp pre-type reproduces."""
     import shutil
-
-    from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
 
     bad = tmp_path / "oddtok"
     shutil.copytree(models["qwen2"], bad)
@@ -360,6 +357,15 @@ def test_unmappable_pretokenizer_fails_before_any_work(models, tmp_path: Path) -
         {"type": "Split", "pattern": {"Regex": "[aeiou]"}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
     (bad / "tokenizer.json").write_text(json.dumps(tj))
+    return bad
+
+
+def test_unmappable_pretokenizer_fails_before_any_work(models, tmp_path: Path) -> None:
+    """A byte-level BPE whose pre-tokenizer llama.cpp cannot reproduce: one line naming tokenizer.json,
+    raised before quantization starts, and nothing written."""
+    from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
+
+    bad = _odd_tokenizer_model(models, tmp_path)
     out = tmp_path / "x.gguf"
     with pytest.raises(LowbitError, match=r"tokenizer\.json: its pre-tokenizer \['Split', 'ByteLevel'\] splits"):
         quantize_to_gguf(bad, GGUFConfig("Q4_K_M", "rtn"), out)
@@ -429,3 +435,18 @@ def test_calibrated_gguf_of_new_families_runs_in_llamacpp(models, eval_text, tmp
     ids = _text_ids(models[fam], eval_text, 64)
     (kld_rtn, _), (kld, top1) = (llamacpp_vs_lowbit(files[m], ids) for m in ("rtn", method))
     assert kld <= max(1.5 * kld_rtn, 1e-4) and top1 > 0.95, (kld, kld_rtn, top1)
+
+
+def test_cli_refuses_unmappable_tokenizer_before_calibrating(models, tmp_path: Path, capsys, monkeypatch) -> None:
+    """From the command line with a calibrated method: exit 2, one line, and the calibration text is never
+    read (the refusal comes first)."""
+    import lowbit.calib.dataset as dataset
+    from lowbit.cli import main
+
+    bad = _odd_tokenizer_model(models, tmp_path)
+    monkeypatch.setattr(dataset, "build_calibration", lambda *a, **k: pytest.fail("calibration was built"))
+    out = tmp_path / "x.gguf"
+    code = main(["quantize", str(bad), "--format", "gguf", "--type", "Q4_K_M", "--method", "gptq", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "tokenizer.json" in err, err
+    assert not out.exists()

@@ -139,8 +139,10 @@ def quantize(
 def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                    calib_args) -> None:
     from lowbit.formats.atomic import check_writable_target
+    from lowbit.formats.gguf import model_vocab
     from lowbit.formats.imatrix import read_imatrix
     from lowbit.model.default import resolve_model
+    from lowbit.model.hf import ModelFolder
     from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
     from lowbit.report.progress import info
 
@@ -152,8 +154,9 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
     imat = read_imatrix(imatrix) if imatrix is not None else None
+    vocab = model_vocab(model_dir, ModelFolder(model_dir).config)  # an unmappable tokenizer fails before calibration
     calib = _calibration(model_dir, *calib_args) if method != "rtn" else None
-    stats = quantize_to_gguf(model_dir, gcfg, output, overwrite, calib=calib, imatrix=imat)
+    stats = quantize_to_gguf(model_dir, gcfg, output, overwrite, calib=calib, imatrix=imat, vocab=vocab)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(stats.type_counts.items()))
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")

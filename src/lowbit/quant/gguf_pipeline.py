@@ -233,8 +233,12 @@ def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bool = False,
                      calib: CalibSet | None = None, imatrix: Imatrix | None = None,
-                     after_layer: Callable[[int], None] | None = None) -> GGUFStats:
-    """Write `model_dir` quantized as a llama.cpp GGUF of type `gcfg.file_type` to `out` (atomic, resumable)."""
+                     after_layer: Callable[[int], None] | None = None, vocab=None) -> GGUFStats:
+    """Write `model_dir` quantized as a llama.cpp GGUF of type `gcfg.file_type` to `out` (atomic, resumable).
+
+    `vocab`: the model's GGUF vocabulary when the caller already read it (to fail on an unmappable
+    tokenizer before building calibration data); read here otherwise.
+    """
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
     if gcfg.method != "rtn" and calib is None:
@@ -242,7 +246,7 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     spec = folder.spec
     t0 = time.perf_counter()
     types = plan_types(folder, gcfg, imatrix is not None)
-    vocab = model_vocab(Path(model_dir), folder.config)  # an unmappable tokenizer fails before any work
+    vocab = vocab or model_vocab(Path(model_dir), folder.config)  # an unmappable tokenizer fails before any work
     state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
