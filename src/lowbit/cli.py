@@ -184,8 +184,10 @@ def export(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
-    ref: Optional[str] = typer.Option(None, "--ref", help="The FP model it came from (default: embedded model)."),
+    checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder, a .gguf file, or an exported "
+                                                  "compressed-tensors/GPTQ/AWQ folder."),
+    ref: Optional[str] = typer.Option(None, "--ref", help="The FP model it came from (default: the source the "
+                                                          "artifact records, else the embedded model)."),
     eval_text: Optional[str] = EvalTextOpt,
     calib_text: Optional[str] = CalibTextOpt,
     ctx: int = CtxOpt,
@@ -195,13 +197,14 @@ def eval_cmd(
 ) -> None:
     """Measure a quantized checkpoint against its FP model: PPL, KLD (mean, p99), top-1 agreement."""
     from lowbit.calib.text import check_disjoint
-    from lowbit.eval.compare import open_session
+    from lowbit.eval.compare import artifact_kind, artifact_source, open_session
     from lowbit.model.default import resolve_model
     from lowbit.report.table import with_delta
 
     check_disjoint(eval_text, calib_text)
-    session = open_session(resolve_model(ref), _settings(eval_text, ctx, windows, stride))
-    rows = with_delta([session.fp_row(), session.score_checkpoint(checkpoint)])
+    artifact_kind(checkpoint)  # a path that is no artifact fails before the FP reference is computed
+    session = open_session(resolve_model(ref or artifact_source(checkpoint)), _settings(eval_text, ctx, windows, stride))
+    rows = with_delta([session.fp_row(), session.score_artifact(checkpoint)])
     _emit(rows, as_json, f"{checkpoint} vs FP on {session.windows.text_name}")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lowbit.calib.dataset import CalibSet
 from lowbit.calib.text import resolve_text
+from lowbit.errors import LowbitError
 from lowbit.eval.data import EvalWindows, load_tokenizer, make_windows
 from lowbit.eval.reference import Reference, evaluate, get_reference
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
@@ -67,6 +68,66 @@ class Session:
         st = ck.meta.get("stats", {})
         return self.score(ck, config or ck.meta.get("config_name", path.name), st.get("bpw", 0.0), ck.size_bytes(),
                           seconds, st.get("bpw_model"))
+
+
+    def score_artifact(self, path: Path) -> Row:
+        """Score any artifact lowbit writes or reads: a lowbit checkpoint, a GGUF file (its exact
+        dequantization) or an HF export folder (compressed-tensors, GPTQ, AWQ, through lowbit's exact reader)."""
+        kind = artifact_kind(path)
+        if kind == "lowbit":
+            return self.score_checkpoint(path)
+        if kind == "gguf":
+            from lowbit.formats.gguf import GGUFWeights
+
+            g = GGUFWeights(path)
+            self._check_same_model(g.spec, path)
+            return self.score(g, path.name, g.linear_bpw(), path.stat().st_size, 0.0, g.model_bpw())
+        from lowbit.formats.hf_export import HFExport
+
+        ex = HFExport(path)
+        self._check_same_model(ex.spec, path)
+        return self.score(ex, f"{ex.format.name}:{path.name}", float(ex.meta.get("file_bpw", 0.0)), ex.size_bytes(),
+                          0.0)
+
+    def _check_same_model(self, spec, path: Path) -> None:
+        ours = self.folder.spec
+        if (spec.vocab_size, spec.hidden_size, spec.num_layers) != (ours.vocab_size, ours.hidden_size, ours.num_layers):
+            raise LowbitError(f"{path}: its shape (vocab {spec.vocab_size}, hidden {spec.hidden_size}, "
+                              f"{spec.num_layers} layers) is not the reference model's ({self.model_dir}); "
+                              "pass the model it was made from with --ref")
+
+
+def artifact_kind(path: Path) -> str:
+    """'lowbit', 'gguf' or 'hf-export', or a one-line error saying what `lowbit eval` takes."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if (path / "lowbit.json").is_file():
+        return "lowbit"
+    if (path / "config.json").is_file() and "quantization_config" in _read_json(path / "config.json"):
+        return "hf-export"
+    raise LowbitError(f"{path}: not a quantized artifact lowbit can score; pass a lowbit checkpoint, a .gguf file "
+                      "or an exported compressed-tensors/GPTQ/AWQ folder")
+
+
+def artifact_source(path: Path) -> str | None:
+    """The source model an artifact records (lowbit checkpoints and exports do), for --ref's default."""
+    path = Path(path)
+    for meta in (path / "lowbit.json", path / "lowbit_export.json"):
+        if meta.is_file():
+            src = _read_json(meta).get("source_model")
+            if src and (Path(src) / "config.json").is_file():
+                return src
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LowbitError(f"{path}: cannot read it ({exc})") from None
 
 
 def open_session(model_dir: Path, settings: EvalSettings) -> Session:

@@ -461,6 +461,32 @@ class HFExport:
         """Any weight as float32: dequantized if it was quantized, else as stored."""
         return self.quantized(name).dequantize() if name in self.quantized_names else self.store.get(name)
 
+    # WeightSource: the folder scored through lowbit's exact reader of its codes
+    @property
+    def spec(self):
+        from lowbit.model.hf import spec_from_config
+
+        return spec_from_config(self.config, arch_for(self.config.get("model_type"), str(self.path)),
+                                self.path / "config.json")
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        from lowbit.model.forward import layer_weights
+
+        return layer_weights(self.tensor, self.spec, i)
+
+    def embedding(self) -> torch.Tensor:
+        return self.tensor(self.spec.arch.embed)
+
+    def final_norm(self) -> torch.Tensor:
+        return self.tensor(self.spec.arch.final_norm)
+
+    def lm_head(self) -> torch.Tensor:
+        spec = self.spec
+        return self.tensor(spec.arch.embed if spec.tie_word_embeddings else spec.arch.lm_head)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.store.files.values()))
+
 
 def flip_zero_groups(qt: QuantizedTensor, where: torch.Tensor) -> QuantizedTensor:
     """Rewrite the groups in `where` [out, n_groups] as scale' = -scale, code' = qmax - code,
