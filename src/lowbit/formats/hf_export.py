@@ -35,7 +35,8 @@ from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
 from lowbit.model.arch import LINEARS, arch_for
-from lowbit.model.hf import expected_tensor_names
+from lowbit.model.forward import StoredWeights
+from lowbit.model.hf import expected_tensor_names, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
 
 EXPORT_META = "lowbit_export.json"
@@ -424,7 +425,7 @@ def _report(info: Callable[[str], None], out: Path, fmt: HFFormat, measurement: 
 # ---------------------------------------------------------------- reading an export back
 
 
-class HFExport:
+class HFExport(StoredWeights):
     """Reader for a folder written by export_checkpoint (or any checkpoint of the three formats)."""
 
     def __init__(self, path: str | Path):
@@ -446,7 +447,7 @@ class HFExport:
         self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         if "symmetric" in self.meta.get("quant", {}):  # AWQ's zero_point does not say it
             self.grid = GridConfig(self.grid.bits, self.grid.group_size, bool(self.meta["quant"]["symmetric"]))
-        arch_for(self.config.get("model_type"), str(cfg_path))
+        self.spec = spec_from_config(self.config, arch_for(self.config.get("model_type"), str(cfg_path)), cfg_path)
         self.store = TensorStore(self.path)
         self.lowbit_group = int(self.meta.get("quant", {}).get("group_size", self.grid.group_size))
         marker = f".{self.format.marker}"
@@ -460,32 +461,6 @@ class HFExport:
     def tensor(self, name: str) -> torch.Tensor:
         """Any weight as float32: dequantized if it was quantized, else as stored."""
         return self.quantized(name).dequantize() if name in self.quantized_names else self.store.get(name)
-
-    # WeightSource: the folder scored through lowbit's exact reader of its codes
-    @property
-    def spec(self):
-        from lowbit.model.hf import spec_from_config
-
-        return spec_from_config(self.config, arch_for(self.config.get("model_type"), str(self.path)),
-                                self.path / "config.json")
-
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        from lowbit.model.forward import layer_weights
-
-        return layer_weights(self.tensor, self.spec, i)
-
-    def embedding(self) -> torch.Tensor:
-        return self.tensor(self.spec.arch.embed)
-
-    def final_norm(self) -> torch.Tensor:
-        return self.tensor(self.spec.arch.final_norm)
-
-    def lm_head(self) -> torch.Tensor:
-        spec = self.spec
-        return self.tensor(spec.arch.embed if spec.tie_word_embeddings else spec.arch.lm_head)
-
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self.store.files.values()))
 
 
 def flip_zero_groups(qt: QuantizedTensor, where: torch.Tensor) -> QuantizedTensor:

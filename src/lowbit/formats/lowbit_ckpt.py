@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
 from lowbit.model.arch import arch_for
-from lowbit.model.forward import layer_weights
+from lowbit.model.forward import StoredWeights
 from lowbit.model.hf import ModelFolder, expected_tensor_names, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
 
@@ -85,7 +85,7 @@ class LowbitWriter:
         (self.dir / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
 
 
-class LowbitCheckpoint:
+class LowbitCheckpoint(StoredWeights):
     """Reader for a lowbit checkpoint; also a WeightSource that dequantizes layer by layer."""
 
     def __init__(self, path: str | Path):
@@ -131,20 +131,3 @@ class LowbitCheckpoint:
         if name in self.meta["tensors"]:
             return self.quantized(name).dequantize()
         return self.store.get(name)
-
-    # WeightSource
-    def layer(self, i: int) -> dict[str, torch.Tensor]:
-        return layer_weights(self.tensor, self.spec, i)
-
-    def embedding(self) -> torch.Tensor:
-        return self.tensor(self.spec.arch.embed)
-
-    def final_norm(self) -> torch.Tensor:
-        return self.tensor(self.spec.arch.final_norm)
-
-    def lm_head(self) -> torch.Tensor:
-        name = self.spec.arch.embed if self.spec.tie_word_embeddings else self.spec.arch.lm_head
-        return self.tensor(name)
-
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in set(self.store.files.values()))

@@ -39,6 +39,32 @@ def layer_weights(get: Callable[[str], torch.Tensor], spec: ModelSpec, i: int) -
     return {t.short: get(layer_name(arch, i, t)) for t in arch.layer_tensors()}
 
 
+class StoredWeights:
+    """WeightSource for a reader of quantized files: it provides `spec`, `store` (a TensorStore) and
+    `tensor(name)` (any weight as float32, dequantized if it was quantized); this adds the rest."""
+
+    spec: ModelSpec
+
+    def tensor(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        return layer_weights(self.tensor, self.spec, i)
+
+    def embedding(self) -> torch.Tensor:
+        return self.tensor(self.spec.arch.embed)
+
+    def final_norm(self) -> torch.Tensor:
+        return self.tensor(self.spec.arch.final_norm)
+
+    def lm_head(self) -> torch.Tensor:
+        arch = self.spec.arch
+        return self.tensor(arch.embed if self.spec.tie_word_embeddings else arch.lm_head)
+
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.store.files.values()))  # type: ignore[attr-defined]
+
+
 class FolderWeights:
     """WeightSource over a HF folder, keyed by short names (q, k, ..., attn_norm, q_bias)."""
 
