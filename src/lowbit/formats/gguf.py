@@ -41,6 +41,8 @@ ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency rope divisors (Lla
 _FIXED_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 _BY_GGUF = {v: k for k, v in GGUF_BLOCK_NAMES.items()}
+_TO_GGUF_FIXED = {v: k for k, v in _FIXED_NAMES.items()}
+_SHORT_BY_HF_SUFFIX = {v: k for k, v in HF_SUFFIX.items()}
 
 
 def gguf_name_to_hf(name: str) -> tuple[str, str | None]:
@@ -56,14 +58,12 @@ def gguf_name_to_hf(name: str) -> tuple[str, str | None]:
 
 
 def hf_name_to_gguf(name: str) -> str:
-    inverse = {v: k for k, v in _FIXED_NAMES.items()}
-    if name in inverse:
-        return inverse[name]
+    if name in _TO_GGUF_FIXED:
+        return _TO_GGUF_FIXED[name]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    by_suffix = {v: k for k, v in HF_SUFFIX.items()}
-    if not m or m.group(2) not in by_suffix:
+    if not m or m.group(2) not in _SHORT_BY_HF_SUFFIX:
         raise LowbitError(f"tensor {name} has no llama.cpp counterpart")
-    return f"blk.{m.group(1)}.{GGUF_BLOCK_NAMES[by_suffix[m.group(2)]]}.{m.group(3)}"
+    return f"blk.{m.group(1)}.{GGUF_BLOCK_NAMES[_SHORT_BY_HF_SUFFIX[m.group(2)]]}.{m.group(3)}"
 
 
 # ---------------------------------------------------------------- reading
@@ -410,7 +410,7 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
             elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                 arr = permute_qk(arr, kv)
             written.append(hf_name)
-            n_params += int(np.prod(spec_shape(hf_name, arr, qtype)))
+            n_params += int(np.prod(spec_shape(arr, qtype)))
             if quantized:
                 w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr),
                              raw_dtype=gguf.GGMLQuantizationType[qtype])
@@ -433,7 +433,7 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
         w.close()
 
 
-def spec_shape(hf_name: str, arr: np.ndarray, qtype: str) -> tuple[int, ...]:
+def spec_shape(arr: np.ndarray, qtype: str) -> tuple[int, ...]:
     """The logical shape of a tensor about to be written (block rows hold more weights than bytes)."""
     if qtype in ("F32", "F16"):
         return arr.shape

@@ -184,13 +184,14 @@ def _is_sentencepiece(path: Path) -> bool:
     return True
 
 
-def _special_vocab(folder: Path, n_vocab: int, merges: bool) -> Any:
+def _special_vocab(folder: Path, n_vocab: int, merges: bool, tokenizer_json: dict[str, Any] | None = None) -> Any:
     import gguf
 
     special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     # A ByteLevel post-processor adds neither BOS nor EOS: llama.cpp's own copy of gguf-py records both
     # as False (the gguf 0.19.0 release on PyPI leaves them unset, and llama.cpp would then default them).
-    post = _json(folder / "tokenizer.json").get("post_processor") or {}
+    tj = _json(folder / "tokenizer.json") if tokenizer_json is None else tokenizer_json
+    post = tj.get("post_processor") or {}
     if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
         for typ in ("bos", "eos"):
             special.add_special_token.setdefault(typ, False)
@@ -229,7 +230,7 @@ def _tokenizer_json_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
         else:
             tokens.append(by_id[i])
             types.append(NORMAL)
-    special = _special_vocab(folder, len(tokens), merges=True)
+    special = _special_vocab(folder, len(tokens), merges=True, tokenizer_json=tj)
     pre = identify_pre_tokenizer(tj_path, adds_bos=bool(special.add_special_token.get("bos")))
     return GGUFVocab("gpt2", pre, tokens, types, None, special)
 
