@@ -36,6 +36,10 @@ SeqlenOpt = typer.Option(2048, "--calib-seqlen", help="Tokens per calibration sa
 SeedOpt = typer.Option(0, "--seed", help="Seed for drawing calibration samples.")
 ModeOpt = typer.Option("chunk", "--calib-mode", help="chunk (concatenate and cut) or document (one window each).")
 NoMeasureOpt = typer.Option(False, "--no-measure", help="HF formats: skip the quick KLD measurement for the model card.")
+TasksOpt = typer.Option(None, "--tasks", help="Multiple-choice tasks scored beside the KLD, e.g. arc_easy,piqa "
+                        "(arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, sciq, openbookqa, "
+                        "commonsense_qa, mmlu).")
+LimitOpt = typer.Option(None, "--limit", help="Score only the first N questions of each task.")
 
 
 def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: int, mode: str):
@@ -55,12 +59,15 @@ def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: i
     return calib
 
 
-def _settings(eval_text, ctx, windows, stride):
+def _settings(eval_text, ctx, windows, stride, tasks=None, limit=None):
     from lowbit.eval.compare import EvalSettings
+    from lowbit.eval.tasks import parse_tasks
 
     if windows < 1:
         raise LowbitError(f"--windows {windows}: need at least 1 window")
-    return EvalSettings(eval_text, ctx, windows, stride)
+    if limit is not None and limit < 1:
+        raise LowbitError(f"--limit {limit}: need at least 1 question")
+    return EvalSettings(eval_text, ctx, windows, stride, tuple(parse_tasks(tasks)), limit)
 
 
 def _emit(rows, as_json: bool, title: str) -> None:
@@ -193,18 +200,25 @@ def eval_cmd(
     ctx: int = CtxOpt,
     windows: int = WindowsOpt,
     stride: Optional[int] = StrideOpt,
+    tasks: Optional[str] = TasksOpt,
+    limit: Optional[int] = LimitOpt,
+    runtime: str = typer.Option("lowbit", "--runtime", help="GGUF: lowbit (exact dequantization through "
+                                "lowbit's forward) or llama.cpp (llama.cpp's own logits)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Measure a quantized checkpoint against its FP model: PPL, KLD (mean, p99), top-1 agreement."""
+    """Measure a quantized artifact against its FP model: PPL, KLD (mean, p99), top-1 agreement, tasks."""
     from lowbit.calib.text import check_disjoint
-    from lowbit.eval.compare import artifact_kind, artifact_source, open_session
+    from lowbit.eval.compare import RUNTIMES, artifact_kind, artifact_source, open_session
     from lowbit.model.default import resolve_model
     from lowbit.report.table import with_delta
 
     check_disjoint(eval_text, calib_text)
-    artifact_kind(checkpoint)  # a path that is no artifact fails before the FP reference is computed
-    session = open_session(resolve_model(ref or artifact_source(checkpoint)), _settings(eval_text, ctx, windows, stride))
-    rows = with_delta([session.fp_row(), session.score_artifact(checkpoint)])
+    kind = artifact_kind(checkpoint)  # a path that is no artifact fails before the FP reference is computed
+    if runtime not in RUNTIMES or (runtime == "llama.cpp" and kind != "gguf"):
+        raise LowbitError(f"--runtime {runtime!r}: choose lowbit, or llama.cpp for a .gguf file")
+    settings = _settings(eval_text, ctx, windows, stride, tasks, limit)
+    session = open_session(resolve_model(ref or artifact_source(checkpoint)), settings)
+    rows = with_delta([session.fp_row(), session.score_artifact(checkpoint, runtime=runtime)])
     _emit(rows, as_json, f"{checkpoint} vs FP on {session.windows.text_name}")
 
 
@@ -212,35 +226,129 @@ def eval_cmd(
 def compare(
     model: Optional[str] = ModelArg,
     configs: str = typer.Option("rtn:4:128,rtn:3:128", "--configs",
-                                help="Comma-separated method:bits:group[:sym|asym] strings."),
+                                help="Comma-separated configs of any kind: method:bits:group[:flags] (a lowbit "
+                                     "checkpoint), ...@compressed-tensors|gptq|awq (an HF export), "
+                                     "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq] (a GGUF)."),
     eval_text: Optional[str] = EvalTextOpt,
     calib_text: Optional[str] = CalibTextOpt,
     ctx: int = CtxOpt,
     windows: int = WindowsOpt,
     stride: Optional[int] = StrideOpt,
+    tasks: Optional[str] = TasksOpt,
+    limit: Optional[int] = LimitOpt,
     calib_samples: int = SamplesOpt,
     calib_seqlen: int = SeqlenOpt,
     seed: int = SeedOpt,
     calib_mode: str = ModeOpt,
-    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the quantized checkpoints in this folder."),
+    keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the quantized artifacts in this folder."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Quantize MODEL with each config and print one table against the FP model."""
+    """Build MODEL with each config (any kind) and print one table against the FP model."""
     from lowbit.calib.text import check_disjoint
-    from lowbit.eval.compare import compare as run_compare
     from lowbit.model.default import resolve_model
-    from lowbit.quant.methods import METHODS, parse_config
+    from lowbit.pipeline.candidates import parse_candidates
+    from lowbit.pipeline.compare import compare_candidates
 
-    parsed = [parse_config(c) for c in configs.split(",") if c.strip()]
-    if not parsed:
-        raise LowbitError("--configs is empty; pass e.g. rtn:4:128,rtn:3:128")
+    parsed = parse_candidates(configs)
     check_disjoint(eval_text, calib_text)
+    settings = _settings(eval_text, ctx, windows, stride, tasks, limit)
     model_dir = resolve_model(model)
     calib = None
-    if any(METHODS[q.method].needs_calibration for q in parsed):
+    if any(c.needs_calibration for c in parsed):
         calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
-    rows = run_compare(model_dir, parsed, _settings(eval_text, ctx, windows, stride), keep, calib)
+    rows = compare_candidates(model_dir, parsed, settings, keep, calib)
     _emit(rows, as_json, f"{model_dir.name}: quantized vs FP on {rows[0].eval_text}, ctx {ctx}")
+
+
+@app.command()
+def decide(
+    results: Path = typer.Argument(..., help="A lowbit run folder, its results.json, or a `lowbit compare --json` "
+                                             "output."),
+    max_ppl_rise: float = typer.Option(0.10, "--max-ppl-rise", help="Relative PPL rise that still ships."),
+    ppl_jump: float = typer.Option(0.25, "--ppl-jump", help="Relative PPL rise that means fix the calibration "
+                                   "or the method."),
+    max_task_drop: float = typer.Option(0.02, "--max-task-drop", help="Task accuracy drop (fraction) that still ships."),
+    layer_concentration: float = typer.Option(3.0, "--layer-concentration", help="Layer error over the median "
+                                              "that singles a layer out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+) -> None:
+    """Apply the ship / fix-calibration / step-up / raise-precision rules to measured results."""
+    from lowbit.pipeline.decide import Thresholds
+    from lowbit.pipeline.verdict import decide_file
+
+    th = Thresholds(max_ppl_rise, ppl_jump, max_task_drop, layer_concentration)
+    decide_file(results, th, as_json)
+
+
+@app.command()
+def run(
+    model: Optional[str] = ModelArg,
+    target: str = typer.Option("llama.cpp", "--target", help="llama.cpp (GGUF: Q4_K_M, stepping up to Q5_K_M), "
+                               "vllm or transformers (W4 g128 GPTQ/AWQ, stepping up to 8-bit)."),
+    calib_text: Optional[str] = CalibTextOpt,
+    calib_samples: int = typer.Option(64, "--calib-samples", help="Calibration samples (1-4096)."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
+    seed: int = SeedOpt,
+    calib_mode: str = ModeOpt,
+    eval_text: Optional[str] = EvalTextOpt,
+    ood_text: str = typer.Option("botchan", "--ood-text", help="Out-of-domain text scored too ('none' to skip)."),
+    ctx: int = CtxOpt,
+    windows: int = WindowsOpt,
+    tasks: Optional[str] = typer.Option("arc_easy,piqa", "--tasks", help="Tasks for the ship decision ('none' to "
+                                        "skip)."),
+    limit: Optional[int] = LimitOpt,
+    method: str = typer.Option("gptq", "--method", help="GGUF target: the calibrated method beside imatrix "
+                               "(gptq, awq, awq-gptq)."),
+    max_ppl_rise: float = typer.Option(0.10, "--max-ppl-rise", help="Relative PPL rise that still ships."),
+    max_task_drop: float = typer.Option(0.02, "--max-task-drop", help="Task accuracy drop (fraction) that still ships."),
+    output: Path = typer.Option(..., "-o", "--output", help="Run folder (resumed when it holds the same run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder with other settings."),
+) -> None:
+    """The whole job: calibrate, quantize the target's recommended candidates, measure, decide, export, report."""
+    from lowbit.calib.text import check_disjoint
+    from lowbit.model.default import resolve_model
+    from lowbit.pipeline.decide import Thresholds
+    from lowbit.pipeline.run import RunConfig, run as run_job
+    from lowbit.pipeline.verdict import print_verdict
+    from lowbit.pipeline.decide import Verdict
+    from lowbit.report.run_report import write_report
+
+    check_disjoint(eval_text, calib_text)
+    task_list = None if tasks in (None, "", "none") else tasks
+    settings = _settings(eval_text, ctx, windows, None, task_list, limit)
+    if method not in ("gptq", "awq", "awq-gptq"):
+        raise LowbitError(f"--method {method!r}: choose gptq, awq or awq-gptq")
+    model_dir = resolve_model(model)
+    th = Thresholds(max_ppl_rise=max_ppl_rise, max_task_drop=max_task_drop)
+    cfg = RunConfig(model_dir, target, output, (calib_text, calib_samples, calib_seqlen, seed, calib_mode), settings,
+                    None if ood_text == "none" else ood_text, thresholds=th, method=method)
+    command = "lowbit run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else ""
+    results = run_job(cfg, lambda: _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode),
+                      overwrite, command)
+    _emit_rows(results["rows"], f"{model_dir.name} for {target}: candidates vs FP")
+    md, html = write_report(output)
+    if results.get("verdict"):
+        print_verdict(Verdict(**results["verdict"]))
+    for e in results.get("exports", []):
+        print(f"exported {output / e['path']}\n  serve: {e['serve']}")
+    print(f"report: {html}  ({md})  [{results['seconds']:.0f} s]")
+
+
+def _emit_rows(rows: list[dict], title: str) -> None:
+    from lowbit.report.table import render_dicts
+
+    render_dicts(rows, title)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A folder written by lowbit run."),
+) -> None:
+    """Write RUN_DIR/report.md and one self-contained RUN_DIR/report.html from RUN_DIR/results.json."""
+    from lowbit.report.run_report import write_report
+
+    md, html = write_report(run_dir)
+    print(f"wrote {html} and {md}")
 
 
 @app.command()

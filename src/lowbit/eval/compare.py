@@ -6,27 +6,29 @@ harness, so every number in every table comes from the same code path.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lowbit.calib.dataset import CalibSet
 from lowbit.calib.text import resolve_text
 from lowbit.errors import LowbitError
 from lowbit.eval.data import EvalWindows, load_tokenizer, make_windows
-from lowbit.eval.reference import Reference, evaluate, get_reference
+from lowbit.eval.reference import Reference, evaluate, folder_fingerprint, get_reference
+from lowbit.eval.significance import accuracy_summary, paired_summary
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.formats.safetensors_io import shard_files
 from lowbit.model.default import cache_dir
 from lowbit.model.forward import FolderWeights, WeightSource
 from lowbit.model.hf import ModelFolder
-from lowbit.quant.methods import QuantConfig
-from lowbit.quant.pipeline import quantize_checkpoint
-from lowbit.report.table import Row, with_delta
+from lowbit.report.table import Row
+
+if TYPE_CHECKING:
+    from lowbit.eval.tasks import TaskRequests, TaskScores
 
 SOURCE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
+RUNTIMES = ("lowbit", "llama.cpp")
+TASK_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class EvalSettings:
     ctx: int = 512
     windows: int = 32
     stride: int | None = None
+    tasks: tuple[str, ...] = ()  # multiple-choice tasks (lowbit.eval.tasks.TASKS) scored beside the KLD
+    limit: int | None = None  # first N questions of each task
 
 
 @dataclass
@@ -46,48 +50,94 @@ class Session:
     windows: EvalWindows
     ref: Reference
     ref_seconds: float
+    settings: EvalSettings = EvalSettings()
+    _fp_tasks: dict | None = None
+    _requests: dict | None = None
 
     def fp_row(self) -> Row:
         s = self.ref.summary()
         size = sum(f.stat().st_size for f in shard_files(self.model_dir))
         bits = max(SOURCE_BITS.get(d, 32) for d in self.folder.store.dtypes.values())
+        extra = {"kind": "fp"}
+        if self.settings.tasks:
+            extra["tasks"] = {t: accuracy_summary(sc.correct, sc.correct_norm) for t, sc in self.fp_tasks().items()}
         return Row(f"fp{bits}", float(bits), size, s.ppl, 0.0, 0.0, 1.0, self.ref_seconds, float(bits),
-                   n_tokens=s.n_tokens, eval_text=self.windows.text_name)
+                   n_tokens=s.n_tokens, eval_text=self.windows.text_name, extra=extra)
 
     def score(self, source: WeightSource, config: str, bpw: float, size_bytes: int, seconds: float,
-              bpw_model: float | None = None, **extra) -> Row:
+              bpw_model: float | None = None, logits_fn=None, steps: int | None = None, **extra) -> Row:
         t0 = time.perf_counter()
-        s = evaluate(source, self.windows, self.ref, label=f"eval {config}")
+        s = evaluate(source, self.windows, self.ref, label=f"eval {config}", logits_fn=logits_fn, steps=steps)
+        if self.settings.tasks:
+            extra["tasks"] = self.task_deltas(source, config)
         return Row(config, bpw, size_bytes, s.ppl, s.kld_mean, s.kld_p99, s.top1, seconds, bpw_model,
                    eval_seconds=time.perf_counter() - t0, n_tokens=s.n_tokens, eval_text=self.windows.text_name,
                    extra=extra)
+
+    def task_requests(self) -> dict[str, TaskRequests]:
+        from lowbit.eval.tasks import build_requests
+
+        if self._requests is None:
+            tok = load_tokenizer(self.model_dir)
+            self._requests = {t: build_requests(tok, t, self.settings.limit) for t in self.settings.tasks}
+        return self._requests
+
+    def fp_tasks(self) -> dict[str, TaskScores]:
+        """The FP model's per-question outcomes, cached on disk like the FP logits."""
+        if self._fp_tasks is None:
+            self._fp_tasks = {t: fp_task_scores(FolderWeights(self.folder), self.model_dir, reqs)
+                              for t, reqs in self.task_requests().items()}
+        return self._fp_tasks
+
+    def task_deltas(self, source: WeightSource, config: str) -> dict[str, dict]:
+        """Per task: accuracy with its interval, delta from FP, flips and McNemar's exact p."""
+        from lowbit.eval.tasks import score_task
+
+        fp = self.fp_tasks()
+        out = {}
+        for t, reqs in self.task_requests().items():
+            q = score_task(source, reqs, label=f"{t} {config}")
+            out[t] = paired_summary(fp[t].correct, q.correct, fp[t].correct_norm, q.correct_norm)
+        return out
 
     def score_checkpoint(self, path: Path, config: str | None = None, seconds: float = 0.0) -> Row:
         """Score a checkpoint from disk; `seconds` is the quantization time when the caller measured it."""
         ck = LowbitCheckpoint(path)
         st = ck.meta.get("stats", {})
         return self.score(ck, config or ck.meta.get("config_name", path.name), st.get("bpw", 0.0), ck.size_bytes(),
-                          seconds, st.get("bpw_model"))
+                          seconds, st.get("bpw_model"), kind="lowbit")
 
 
-    def score_artifact(self, path: Path) -> Row:
+    def score_artifact(self, path: Path, runtime: str = "lowbit", config: str | None = None,
+                       seconds: float = 0.0) -> Row:
         """Score any artifact lowbit writes or reads: a lowbit checkpoint, a GGUF file (its exact
-        dequantization) or an HF export folder (compressed-tensors, GPTQ, AWQ, through lowbit's exact reader)."""
+        dequantization, or llama.cpp's own logits with runtime='llama.cpp') or an HF export folder
+        (compressed-tensors, GPTQ, AWQ, through lowbit's exact reader)."""
         kind = artifact_kind(path)
+        if runtime not in RUNTIMES:
+            raise LowbitError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if runtime == "llama.cpp" and kind != "gguf":
+            raise LowbitError(f"{path}: --runtime llama.cpp scores GGUF files only; drop --runtime for a {kind} artifact")
         if kind == "lowbit":
-            return self.score_checkpoint(path)
+            return self.score_checkpoint(path, config, seconds)
         if kind == "gguf":
             from lowbit.formats.gguf import GGUFWeights
 
             g = GGUFWeights(path)
             self._check_same_model(g.spec, path)
-            return self.score(g, path.name, g.linear_bpw(), path.stat().st_size, 0.0, g.model_bpw())
+            logits_fn, steps = None, None
+            if runtime == "llama.cpp":
+                from lowbit.eval.llamacpp_runtime import llamacpp_logits_fn
+
+                logits_fn, steps = llamacpp_logits_fn(path, g.spec.vocab_size), self.windows.tokens.shape[0]
+            return self.score(g, config or path.name, g.linear_bpw(), path.stat().st_size, seconds, g.model_bpw(),
+                              logits_fn=logits_fn, steps=steps, kind="gguf", runtime=runtime)
         from lowbit.formats.hf_export import HFExport
 
         ex = HFExport(path)
         self._check_same_model(ex.spec, path)
-        return self.score(ex, f"{ex.format.name}:{path.name}", float(ex.meta.get("file_bpw", 0.0)), ex.size_bytes(),
-                          0.0)
+        return self.score(ex, config or f"{ex.format.name}:{path.name}", float(ex.meta.get("file_bpw", 0.0)),
+                          ex.size_bytes(), seconds, kind=ex.format.name)
 
     def _check_same_model(self, spec, path: Path) -> None:
         ours = self.folder.spec
@@ -130,26 +180,30 @@ def _read_json(path: Path) -> dict:
         raise LowbitError(f"{path}: cannot read it ({exc})") from None
 
 
+def fp_task_scores(source: WeightSource, model_dir: Path, reqs: TaskRequests) -> TaskScores:
+    """The FP model's outcomes on a task, from the cache keyed by model fingerprint and request digest."""
+    import json
+
+    from lowbit.eval.tasks import TaskScores, score_task
+
+    path = cache_dir() / "tasks" / f"{folder_fingerprint(model_dir)}-{reqs.digest()}-v{TASK_CACHE_VERSION}.json"
+    if path.is_file():
+        return TaskScores.from_json(json.loads(path.read_text()))
+    scores = score_task(source, reqs, label=f"{reqs.task} FP")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(scores.to_json()))
+    tmp.replace(path)
+    return scores
+
+
 def open_session(model_dir: Path, settings: EvalSettings) -> Session:
     folder = ModelFolder(model_dir)
     text = resolve_text(settings.eval_text, "wiki")
     windows = make_windows(load_tokenizer(model_dir), text, settings.ctx, settings.windows, settings.stride)
     t0 = time.perf_counter()
     ref = get_reference(FolderWeights(folder), model_dir, windows)
-    return Session(model_dir, folder, windows, ref, time.perf_counter() - t0)
-
-
-def compare(model_dir: Path, configs: list[QuantConfig], settings: EvalSettings,
-            keep_dir: Path | None = None, calib: CalibSet | None = None) -> list[Row]:
-    """FP row plus one row per config, each quantized to a real checkpoint and scored from disk."""
-    session = open_session(model_dir, settings)
-    rows = [session.fp_row()]
-    work = Path(tempfile.mkdtemp(prefix="compare-", dir=cache_dir()))
-    try:
-        for qcfg in configs:
-            out = (keep_dir or work) / qcfg.name.replace(":", "_")
-            stats = quantize_checkpoint(model_dir, qcfg, out, overwrite=True, calib=calib)
-            rows.append(session.score_checkpoint(out, qcfg.name, stats.seconds))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return with_delta(rows)
+    session = Session(model_dir, folder, windows, ref, time.perf_counter() - t0, settings)
+    if settings.tasks:
+        session.fp_tasks()  # a missing task package fails here, before any quantization
+    return session

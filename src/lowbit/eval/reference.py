@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,15 +102,24 @@ def get_reference(source: WeightSource, model_path: Path, windows: EvalWindows) 
     return load_reference(path)
 
 
-def evaluate(source: WeightSource, windows: EvalWindows, ref: Reference, label: str = "eval") -> Summary:
-    """PPL, KLD (mean, p99) and top-1 agreement of `source` against the FP reference."""
+LogitsFn = Callable[[torch.Tensor, Callable[..., None]], Iterator[tuple[int, torch.Tensor]]]
+
+
+def evaluate(source: WeightSource, windows: EvalWindows, ref: Reference, label: str = "eval",
+             logits_fn: LogitsFn | None = None, steps: int | None = None) -> Summary:
+    """PPL, KLD (mean, p99) and top-1 agreement of `source` against the FP reference.
+
+    `logits_fn(tokens, advance)` replaces lowbit's forward when another runtime computes the logits
+    (llama.cpp on a GGUF); `steps` is then its number of progress steps."""
     n_total = ref.nll.size
     nll = np.empty(n_total, np.float32)
     kld = np.empty(n_total, np.float32)
     agree = np.empty(n_total, bool)
     row = 0
-    with progress(label, source.spec.num_layers) as advance:
-        for n, logits in iter_logits(source, windows.tokens, on_layer=advance):
+    if logits_fn is None:
+        logits_fn = lambda tokens, advance: iter_logits(source, tokens, on_layer=advance)  # noqa: E731
+    with progress(label, steps or source.spec.num_layers) as advance:
+        for n, logits in logits_fn(windows.tokens, advance):
             lg, tgt = scored_rows(windows, n, logits)
             k = lg.shape[0]
             ref_rows = torch.from_numpy(np.array(ref.logp[row:row + k], dtype=np.float32))

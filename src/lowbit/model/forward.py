@@ -204,6 +204,32 @@ def run_layers(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
 
 
 @torch.inference_mode()
+def run_layers_ragged(source: WeightSource, buckets: list[torch.Tensor], batch: int = 32,
+                      on_layer: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """run_layers over several token matrices of different lengths ([n_b, T_b] each), every bucket
+    through layer i before layer i+1, so each layer's weights are read (and dequantized) once.
+
+    Multiple-choice scoring has thousands of short sequences of varied length: bucketing them by
+    length avoids padding everything to the longest, and right padding inside a bucket is harmless
+    to a causal model for the positions that are scored."""
+    spec = source.spec
+    rope = build_rope(source.config, spec, max(b.shape[1] for b in buckets))
+    emb = source.embedding()
+    xs = [F.embedding(b, emb) for b in buckets]
+    del emb
+    for i in range(spec.num_layers):
+        w = source.layer(i)
+        for x in xs:
+            for sl in batches(x.shape[0], batch):
+                x[sl] = decoder_layer(x[sl], w, spec, rope)
+        del w
+        if on_layer:
+            on_layer(i)
+    norm = source.final_norm()
+    return [rms_norm(x, norm, spec.rms_norm_eps) for x in xs]
+
+
+@torch.inference_mode()
 def iter_logits(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
                 on_layer: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (window index, float32 logits [T, V]) one window at a time to bound memory."""

@@ -1,0 +1,1 @@
+"""Orchestration above quant/ and formats/: build candidates, measure them, decide, report."""

@@ -1,0 +1,131 @@
+"""One grammar for every artifact lowbit can make, so "Q4_K_M or Q5_K_M or GPTQ W4?" is one command.
+
+    rtn:4:128  gptq:4:128:act  awq:3:64:asym     a lowbit checkpoint (method:bits:group[:flags])
+    gptq:4:128@compressed-tensors                the same, exported as an HF folder (@gptq, @awq too)
+    gguf:Q4_K_M                                   llama.cpp's mix and llama.cpp's own block search
+    gguf:Q4_K_M:imatrix                           ... weighted by an importance matrix from the calibration text
+    gguf:Q4_K_M:gptq  gguf:Q5_K_M:awq-gptq        ... each tensor landed on its block grid by a calibrated method
+
+Building a candidate writes the real file and returns its path and the
+quantization time; scoring then reads it back from disk, like a user would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from lowbit.calib.dataset import CalibSet
+from lowbit.errors import LowbitError
+from lowbit.formats.imatrix import Imatrix
+from lowbit.quant.methods import METHODS, QuantConfig, parse_config
+
+GGUF_CANDIDATE_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq")
+HF_FORMATS = ("compressed-tensors", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A parsed config string: kind 'lowbit', 'gguf' or 'hf' (an export format)."""
+
+    text: str
+    kind: str
+    qcfg: QuantConfig | None = None  # lowbit / hf
+    file_type: str | None = None  # gguf
+    method: str = "rtn"  # gguf: one of GGUF_CANDIDATE_METHODS
+    fmt: str | None = None  # hf
+
+    @property
+    def needs_calibration(self) -> bool:
+        if self.kind == "gguf":
+            return self.method != "rtn"
+        return METHODS[self.qcfg.method].needs_calibration
+
+    @property
+    def label(self) -> str:
+        return self.text
+
+    @property
+    def file_name(self) -> str:
+        safe = self.text.replace(":", "_").replace("@", "-")
+        return f"{safe}.gguf" if self.kind == "gguf" else safe
+
+
+def parse_candidate(text: str) -> Candidate:
+    text = text.strip()
+    if text.startswith("gguf:"):
+        return _parse_gguf(text)
+    base, _, fmt = text.partition("@")
+    qcfg = parse_config(base)
+    if fmt:
+        if fmt not in HF_FORMATS:
+            raise LowbitError(f"config {text!r}: unknown export format {fmt!r}; use one of {', '.join(HF_FORMATS)}")
+        return Candidate(text, "hf", qcfg=qcfg, fmt=fmt)
+    return Candidate(text, "lowbit", qcfg=qcfg)
+
+
+def _parse_gguf(text: str) -> Candidate:
+    from lowbit.quant.gguf_mix import parse_file_type
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise LowbitError(f"config {text!r}: a GGUF config is gguf:TYPE[:METHOD], e.g. gguf:Q4_K_M:gptq")
+    method = parts[2] if len(parts) == 3 else "rtn"
+    if method not in GGUF_CANDIDATE_METHODS:
+        raise LowbitError(f"config {text!r}: unknown GGUF method {method!r}; use one of "
+                          f"{', '.join(GGUF_CANDIDATE_METHODS)}")
+    return Candidate(text, "gguf", file_type=parse_file_type(parts[1]), method=method)
+
+
+def parse_candidates(configs: str) -> list[Candidate]:
+    parsed = [parse_candidate(c) for c in configs.split(",") if c.strip()]
+    if not parsed:
+        raise LowbitError("--configs is empty; pass e.g. gguf:Q4_K_M,gguf:Q4_K_M:gptq,gptq:4:128")
+    return parsed
+
+
+@dataclass
+class BuildContext:
+    """What candidates share: the model, its calibration set, and the importance matrix made from it once."""
+
+    model_dir: Path
+    calib: CalibSet | None = None
+    damp: float = 0.01
+    _imatrix: Imatrix | None = None
+
+    def imatrix(self) -> Imatrix:
+        if self._imatrix is None:
+            from lowbit.calib.imatrix import compute_imatrix
+
+            if self.calib is None:
+                raise LowbitError("an imatrix candidate needs calibration text; pass --calib-text FILE")
+            self._imatrix = compute_imatrix(self.model_dir, self.calib)
+        return self._imatrix
+
+
+def build_candidate(cand: Candidate, ctx: BuildContext, out: Path,
+                    after_layer: Callable[[int], None] | None = None) -> float:
+    """Write `cand`'s artifact at `out` (atomically, resumable per layer); return the seconds it took."""
+    t0 = time.perf_counter()
+    if cand.kind == "gguf":
+        from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
+
+        method = "rtn" if cand.method == "imatrix" else cand.method
+        gcfg = GGUFConfig(cand.file_type, method, True, ctx.damp)
+        imat = ctx.imatrix() if cand.method == "imatrix" else None
+        quantize_to_gguf(ctx.model_dir, gcfg, out, overwrite=True, calib=ctx.calib if method != "rtn" else None,
+                         imatrix=imat, after_layer=after_layer)
+    elif cand.kind == "hf":
+        from lowbit.formats.hf_export import quantize_and_export
+
+        calib = ctx.calib
+        quantize_and_export(ctx.model_dir, cand.qcfg, out, cand.fmt, True,
+                            (lambda: calib) if cand.needs_calibration else None, do_measure=False)
+    else:
+        from lowbit.quant.pipeline import quantize_checkpoint
+
+        quantize_checkpoint(ctx.model_dir, cand.qcfg, out, overwrite=True,
+                            calib=ctx.calib if cand.needs_calibration else None)
+    return time.perf_counter() - t0
