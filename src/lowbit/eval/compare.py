@@ -113,6 +113,11 @@ class Session:
         """Score any artifact lowbit writes or reads: a lowbit checkpoint, a GGUF file (its exact
         dequantization, or llama.cpp's own logits with runtime='llama.cpp') or an HF export folder
         (compressed-tensors, GPTQ, AWQ, through lowbit's exact reader)."""
+        row = self._score_artifact(Path(path), runtime, config, seconds)
+        row.extra.setdefault("path", str(path))
+        return row
+
+    def _score_artifact(self, path: Path, runtime: str, config: str | None, seconds: float) -> Row:
         kind = artifact_kind(path)
         if runtime not in RUNTIMES:
             raise LowbitError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
