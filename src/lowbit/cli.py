@@ -300,6 +300,8 @@ def run(
     method: str = typer.Option("gptq", "--method", help="GGUF target: the calibrated method beside imatrix "
                                "(gptq, awq, awq-gptq)."),
     max_ppl_rise: float = typer.Option(0.10, "--max-ppl-rise", help="Relative PPL rise that still ships."),
+    ppl_jump: float = typer.Option(0.25, "--ppl-jump", help="Relative PPL rise that means fix the calibration "
+                                   "or the method."),
     max_task_drop: float = typer.Option(0.02, "--max-task-drop", help="Task accuracy drop (fraction) that still ships."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder (resumed when it holds the same run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder with other settings."),
@@ -319,7 +321,7 @@ def run(
     if method not in ("gptq", "awq", "awq-gptq"):
         raise LowbitError(f"--method {method!r}: choose gptq, awq or awq-gptq")
     model_dir = resolve_model(model)
-    th = Thresholds(max_ppl_rise=max_ppl_rise, max_task_drop=max_task_drop)
+    th = Thresholds(max_ppl_rise=max_ppl_rise, ppl_jump=ppl_jump, max_task_drop=max_task_drop)
     cfg = RunConfig(model_dir, target, output, (calib_text, calib_samples, calib_seqlen, seed, calib_mode), settings,
                     None if ood_text == "none" else ood_text, thresholds=th, method=method)
     command = "lowbit run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else ""

@@ -23,6 +23,7 @@ from lowbit.errors import LowbitError
 REASONING_TASKS = ("arc_easy", "arc_challenge", "mmlu", "openbookqa", "sciq", "code")
 GGUF_LADDER = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
 HF_LADDER = (3, 4, 8)
+SAME_SIZE = 1.01  # candidates within 1% of the smallest size count as the same size
 ACTIONS = ("ship", "fix-calibration", "step-up", "raise-precision", "keep-fp16")
 
 
@@ -183,7 +184,9 @@ def decide_run(rows: list[dict], th: Thresholds = Thresholds(), hint: "CommandHi
         verdicts.append((r, v))
     shipping = [(r, v) for r, v in verdicts if v.action == "ship"]
     if shipping:
-        r, v = min(shipping, key=lambda rv: (rv[0]["size_bytes"], rv[0]["kld_mean"]))
+        smallest = min(r["size_bytes"] for r, _ in shipping)
+        same_size = [rv for rv in shipping if rv[0]["size_bytes"] <= smallest * SAME_SIZE]
+        r, v = min(same_size, key=lambda rv: rv[0]["kld_mean"])  # one file type: the lowest KLD wins
         others = [x["config"] for x, _ in shipping if x is not r]
         if others:
             v.reasons.append(f"the smallest of the shippable candidates ({', '.join([r['config']] + others)})")

@@ -1,0 +1,77 @@
+"""lowbit run end to end on the 2-layer cut of the real model: candidates built as real files,
+measured, decided, exported with their hand-off, reported; a second call resumes from disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.cli import main
+
+ARGS = ["--target", "llama.cpp", "--calib-samples", "8", "--calib-seqlen", "128", "--ctx", "128", "--windows", "2",
+        "--tasks", "arc_easy", "--limit", "8", "--max-ppl-rise", "1000", "--ppl-jump", "2000",
+        "--max-task-drop", "1"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    assert main(["run", str(small_model_dir), *ARGS, "-o", str(out)]) == 0
+    return out
+
+
+def test_run_measures_the_ladder_and_ships_with_a_handoff(run_dir):
+    res = json.loads((run_dir / "results.json").read_text())
+    configs = [r["config"] for r in res["rows"]]
+    assert configs == ["fp32", "gguf:Q4_K_M:imatrix", "gguf:Q4_K_M:gptq"]
+    for r in res["rows"][1:]:
+        assert (run_dir / r["path"]).is_file()
+        assert r["ood"]["eval_text"] == "botchan.txt" and r["ood"]["kld_mean"] > 0
+        assert len(r["per_layer"]) == 2 and r["tasks"]["arc_easy"]["n"] == 8
+    v = res["verdict"]
+    assert v["action"] == "ship" and v["choice"] in configs[1:]
+    (export,) = res["exports"]
+    gguf = run_dir / export["path"]
+    modelfile = run_dir / export["handoff"]
+    assert modelfile.read_text().splitlines()[0] == f"FROM ./{gguf.name}"
+    assert "ollama create" in export["serve"]
+    chosen = next(r for r in res["rows"] if r["config"] == v["choice"])
+    assert gguf.read_bytes() == (run_dir / chosen["path"]).read_bytes()
+    assert (run_dir / "report.html").stat().st_size > 10_000 and (run_dir / "report.md").is_file()
+
+
+def test_exported_gguf_loads_in_llamacpp(run_dir):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    res = json.loads((run_dir / "results.json").read_text())
+    llm = llama_cpp.Llama(str(run_dir / res["exports"][0]["path"]), n_ctx=64, verbose=False, n_threads=2)
+    llm.eval(llm.tokenize(b"The capital of France is"))
+    assert llm.n_tokens > 0
+
+
+def test_second_run_resumes_from_the_measured_candidates(run_dir, small_model_dir, capsys):
+    before = {p.name: p.read_bytes() for p in (run_dir / "candidates").glob("*.json")}
+    assert main(["run", str(small_model_dir), *ARGS, "-o", str(run_dir)]) == 0
+    out = capsys.readouterr()
+    assert " ".join((out.out + out.err).split()).count("measured before, reusing") == 2
+    assert {p.name: p.read_bytes() for p in (run_dir / "candidates").glob("*.json")} == before
+
+
+def test_other_settings_into_the_same_folder_are_refused(run_dir, small_model_dir, capsys):
+    args = [a if a != "8" else "9" for a in ARGS]
+    assert main(["run", str(small_model_dir), *args, "-o", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_decide_and_report_commands_read_the_run(run_dir, capsys):
+    assert main(["decide", str(run_dir), "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert (v["action"], v["choice"]) == (res["verdict"]["action"], res["verdict"]["choice"])
+    (run_dir / "junk.json").write_text("[1, 2]")
+    assert main(["decide", str(run_dir / "junk.json")]) == 2
+    assert "holds no measured rows" in capsys.readouterr().err
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "report.html").is_file()
