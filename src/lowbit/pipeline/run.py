@@ -123,6 +123,7 @@ def measure_candidate(st: RunState, cand: Candidate) -> dict:
     path = st.cand_dir / cand.file_name
     info(f"{cand.label}: building {path.name}")
     seconds = build_candidate(cand, st.ctx, path)
+    info(f"{cand.label}: built in {seconds:.0f} s; measuring KLD, tasks, out-of-domain KLD and per-layer error")
     row = score_candidate(st.main, cand, path, seconds).to_json()
     if st.ood is not None:
         o = score_candidate(st.ood, cand, path, seconds)
@@ -164,9 +165,12 @@ def run(cfg: RunConfig, calibrate, overwrite: bool = False, command: str = "") -
     t0 = time.perf_counter()
     prepare_out(cfg, overwrite)
     calib: CalibSet = calibrate()
+    tasks = f" and {', '.join(cfg.settings.tasks)} (limit {cfg.settings.limit})" if cfg.settings.tasks else ""
+    info(f"FP reference: {cfg.settings.windows} x {cfg.settings.ctx} tokens{tasks} (cached after the first run)")
     main = open_session(cfg.model_dir, cfg.settings)
     ood = None
     if cfg.ood_text:
+        info(f"FP reference out of domain: {cfg.ood_text}, {cfg.ood_windows} x {cfg.settings.ctx} tokens")
         ood = open_session(cfg.model_dir, EvalSettings(cfg.ood_text, cfg.settings.ctx, cfg.ood_windows))
     st = RunState(cfg, main, ood, BuildContext(cfg.model_dir, calib))
     st.rows = [fp_row(st)]
