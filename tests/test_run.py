@@ -35,7 +35,7 @@ def test_run_measures_the_ladder_and_ships_with_a_handoff(run_dir):
     gguf = run_dir / export["path"]
     modelfile = run_dir / export["handoff"]
     assert modelfile.read_text().splitlines()[0] == f"FROM ./{gguf.name}"
-    assert "ollama create" in export["serve"]
+    assert "ollama create" in export["serve"] and v["next_command"] == export["serve"]
     chosen = next(r for r in res["rows"] if r["config"] == v["choice"])
     assert gguf.read_bytes() == (run_dir / chosen["path"]).read_bytes()
     assert (run_dir / "report.html").stat().st_size > 10_000 and (run_dir / "report.md").is_file()
@@ -75,3 +75,28 @@ def test_decide_and_report_commands_read_the_run(run_dir, capsys):
     (run_dir / "report.html").unlink()
     assert main(["report", str(run_dir)]) == 0
     assert (run_dir / "report.html").is_file()
+
+
+def test_compare_takes_every_kind_in_one_table(small_model_dir, capsys):
+    """A lowbit checkpoint, its compressed-tensors export and a GGUF: one table; the exact export scores
+    exactly what the checkpoint scores."""
+    code = main(["compare", str(small_model_dir), "--configs", "rtn:4:64,rtn:4:64@compressed-tensors,gguf:Q4_K_M",
+                 "--ctx", "128", "--windows", "2", "--tasks", "arc_easy", "--limit", "4", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = json.loads(out.out)
+    assert [(r["config"], r["kind"]) for r in rows] == [
+        ("fp32", "fp"), ("rtn:4:64", "lowbit"), ("rtn:4:64@compressed-tensors", "compressed-tensors"),
+        ("gguf:Q4_K_M", "gguf")]
+    ck, ct = rows[1], rows[2]
+    assert (ck["kld_mean"], ck["ppl"], ck["tasks"]) == (ct["kld_mean"], ct["ppl"], ct["tasks"])
+    assert rows[3]["size_bytes"] > 0 and rows[3]["tasks"]["arc_easy"]["n"] == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("gguf:Q4_X", "Q4_X"), ("gguf:Q4_K_M:magic", "unknown GGUF method"), ("rtn:4:128@onnx", "unknown export format"),
+    ("gguf:Q4_K_M:gptq:x", "gguf:TYPE[:METHOD]")])
+def test_bad_configs_are_one_line_errors(bad, message, capsys):
+    assert main(["compare", "--configs", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -189,7 +189,7 @@ def decide_run(rows: list[dict], th: Thresholds = Thresholds(), hint: "CommandHi
         r, v = min(same_size, key=lambda rv: rv[0]["kld_mean"])  # one file type: the lowest KLD wins
         others = [x["config"] for x, _ in shipping if x is not r]
         if others:
-            v.reasons.append(f"the smallest of the shippable candidates ({', '.join([r['config']] + others)})")
+            v.reasons.append(f"smallest file that ships, lowest KLD at that size (also shippable: {', '.join(others)})")
         return v
     return min(verdicts, key=lambda rv: rv[0]["kld_mean"])[1]
 

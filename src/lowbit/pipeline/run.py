@@ -191,11 +191,13 @@ def run(cfg: RunConfig, calibrate, overwrite: bool = False, command: str = "") -
                      "ctx": cfg.settings.ctx, "windows": cfg.settings.windows, "calib": calib.summary,
                      "tasks": list(cfg.settings.tasks), "limit": cfg.settings.limit,
                      "thresholds": asdict(cfg.thresholds), "method": cfg.method},
-        "rows": st.rows, "verdict": verdict.to_json() if verdict else None,
-        "exports": export_choice(st, verdict) if verdict else [],
+        "rows": st.rows, "verdict": None, "exports": export_choice(st, verdict) if verdict else [],
         "commands": [command] if command else [],
         "seconds": time.perf_counter() - t0,
     }
+    if verdict and results["exports"]:
+        verdict.next_command = results["exports"][0]["serve"]  # the exported file, not the candidate
+    results["verdict"] = verdict.to_json() if verdict else None
     _write_json(cfg.out / RESULTS, results)
     return results
 
