@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml tools/llamacpp_wheel.sh tools/llamacpp_source.sh
 
 setup: $(STAMP)
 
+# The main job on the embedded model: Q4_K_M with imatrix and with GPTQ on the block grids, measured against
+# FP (KLD, PPL, Botchan out of domain, ARC-Easy + PIQA), decided, exported with an Ollama Modelfile, reported.
+# Resumes when run again (runs/demo); about 10 minutes on 2 cores the first time.
+DEMO_ARGS ?= --target llama.cpp --tasks arc_easy,piqa --limit 100 --windows 16 --calib-samples 32 --calib-seqlen 256
 demo: setup
-	$(VENV)/bin/lowbit compare --configs rtn:8:128,rtn:4:128,rtn:3:128
+	$(VENV)/bin/lowbit run $(DEMO_ARGS) -o runs/demo
 
 # headless Chromium for the report's browser test (tests/test_report.py), installed even when the stamp exists
 .PHONY: browser
