@@ -76,3 +76,46 @@ def test_wrong_reference_and_non_artifacts_are_one_line_errors(capsys, artifacts
     code = main(["eval", str(other), *ARGS])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not a quantized artifact" in err
+
+
+def test_gguf_exact_path_reproduces_the_benchmark_harness(capsys, artifacts, small_model_dir: Path) -> None:
+    """`lowbit eval X.gguf` and benchmarks/gguf_kquants.py score the same file on the same text alike."""
+    import sys
+
+    from lowbit.eval.compare import EvalSettings, open_session
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gguf_kquants import score_gguf
+
+    cli = run_eval(capsys, artifacts["llamacpp-gguf"], "--ref", str(small_model_dir))
+    session = open_session(small_model_dir, EvalSettings("wiki", 128, 2))
+    bench = score_gguf(session, artifacts["llamacpp-gguf"], "bench", 0.0, 0.0, "llama.cpp", "Q4_K_M")
+    assert (cli["kld_mean"], cli["kld_p99"], cli["top1"], cli["ppl"]) == \
+           (bench.kld_mean, bench.kld_p99, bench.top1, bench.ppl)
+
+
+def test_runtime_llamacpp_scores_llamacpps_own_logits(capsys, artifacts, small_model_dir: Path, tmp_path) -> None:
+    """llama.cpp's logits on its own F32 file are the FP model's (KLD ~0: positions line up); on the
+    Q4_K_M file they differ from the exact dequantization only by llama.cpp's activation rounding."""
+    from lowbit.formats.gguf import hf_folder_to_gguf
+
+    f32 = hf_folder_to_gguf(small_model_dir, tmp_path / "f32.gguf")
+    fp = run_eval(capsys, f32, "--ref", str(small_model_dir), "--runtime", "llama.cpp")
+    assert fp["kld_mean"] < 1e-3 and fp["top1"] > 0.97 and fp["runtime"] == "llama.cpp"
+    exact = run_eval(capsys, artifacts["gguf"], "--ref", str(small_model_dir))
+    rt = run_eval(capsys, artifacts["gguf"], "--ref", str(small_model_dir), "--runtime", "llama.cpp")
+    assert rt["kld_mean"] != exact["kld_mean"]
+    assert abs(rt["kld_mean"] - exact["kld_mean"]) < 0.25 * exact["kld_mean"] + 0.005
+    code = main(["eval", str(artifacts["lowbit"]), "--runtime", "llama.cpp", *ARGS])
+    assert code == 2 and "--runtime" in capsys.readouterr().err
+
+
+def test_runtime_transformers_scores_the_export_through_its_real_loader(capsys, artifacts) -> None:
+    """transformers' own loading of the compressed-tensors export gives lowbit's exact reader's numbers."""
+    exact = run_eval(capsys, artifacts["compressed-tensors"])
+    hf = run_eval(capsys, artifacts["compressed-tensors"], "--runtime", "transformers")
+    assert hf["runtime"] == "transformers"
+    assert hf["kld_mean"] == pytest.approx(exact["kld_mean"], rel=1e-3, abs=1e-6)
+    assert hf["ppl"] == pytest.approx(exact["ppl"], rel=1e-4) and hf["top1"] > exact["top1"] - 0.01
+    assert main(["eval", str(artifacts["gptq"]), "--runtime", "transformers", *ARGS]) == 2
+    assert "gptqmodel" in capsys.readouterr().err

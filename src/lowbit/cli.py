@@ -202,8 +202,9 @@ def eval_cmd(
     stride: Optional[int] = StrideOpt,
     tasks: Optional[str] = TasksOpt,
     limit: Optional[int] = LimitOpt,
-    runtime: str = typer.Option("lowbit", "--runtime", help="GGUF: lowbit (exact dequantization through "
-                                "lowbit's forward) or llama.cpp (llama.cpp's own logits)."),
+    runtime: str = typer.Option("lowbit", "--runtime", help="lowbit (the exact dequantization through lowbit's "
+                                "forward), llama.cpp (a GGUF, llama.cpp's own logits) or transformers (an "
+                                "exported compressed-tensors folder, its real loader)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure a quantized artifact against its FP model: PPL, KLD (mean, p99), top-1 agreement, tasks."""
@@ -214,8 +215,10 @@ def eval_cmd(
 
     check_disjoint(eval_text, calib_text)
     kind = artifact_kind(checkpoint)  # a path that is no artifact fails before the FP reference is computed
-    if runtime not in RUNTIMES or (runtime == "llama.cpp" and kind != "gguf"):
-        raise LowbitError(f"--runtime {runtime!r}: choose lowbit, or llama.cpp for a .gguf file")
+    if runtime not in RUNTIMES or (runtime == "llama.cpp" and kind != "gguf") or \
+            (runtime == "transformers" and kind != "hf-export"):
+        raise LowbitError(f"--runtime {runtime!r}: choose lowbit, llama.cpp for a .gguf file, or transformers for "
+                          "an exported HF folder")
     settings = _settings(eval_text, ctx, windows, stride, tasks, limit)
     session = open_session(resolve_model(ref or artifact_source(checkpoint)), settings)
     rows = with_delta([session.fp_row(), session.score_artifact(checkpoint, runtime=runtime)])

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from lowbit.eval.tasks import TaskRequests, TaskScores
 
 SOURCE_BITS = {"F32": 32, "F16": 16, "BF16": 16}
-RUNTIMES = ("lowbit", "llama.cpp")
+RUNTIMES = ("lowbit", "llama.cpp", "transformers")
 TASK_CACHE_VERSION = 1
 
 
@@ -123,6 +123,9 @@ class Session:
             raise LowbitError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if runtime == "llama.cpp" and kind != "gguf":
             raise LowbitError(f"{path}: --runtime llama.cpp scores GGUF files only; drop --runtime for a {kind} artifact")
+        if runtime == "transformers" and kind != "hf-export":
+            raise LowbitError(f"{path}: --runtime transformers scores exported HF folders only; drop --runtime for a "
+                              f"{kind} artifact")
         if kind == "lowbit":
             return self.score_checkpoint(path, config, seconds)
         if kind == "gguf":
@@ -141,8 +144,14 @@ class Session:
 
         ex = HFExport(path)
         self._check_same_model(ex.spec, path)
+        logits_fn, steps = None, None
+        if runtime == "transformers":
+            from lowbit.eval.transformers_runtime import transformers_logits_fn
+
+            logits_fn, steps = transformers_logits_fn(path, ex.format.name), self.windows.tokens.shape[0]
         return self.score(ex, config or f"{ex.format.name}:{path.name}", float(ex.meta.get("file_bpw", 0.0)),
-                          ex.size_bytes(), seconds, kind=ex.format.name)
+                          ex.size_bytes(), seconds, logits_fn=logits_fn, steps=steps, kind=ex.format.name,
+                          runtime=runtime)
 
     def _check_same_model(self, spec, path: Path) -> None:
         ours = self.folder.spec
