@@ -100,3 +100,17 @@ def test_bad_configs_are_one_line_errors(bad, message, capsys):
     assert main(["compare", "--configs", bad]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_python_api_matches_the_cli(small_model_dir, run_dir, capsys):
+    import lowbit
+
+    res = json.loads((run_dir / "results.json").read_text())
+    chosen = next(r for r in res["rows"] if r["config"] == res["verdict"]["choice"])
+    rows = lowbit.evaluate(run_dir / chosen["path"], ref=small_model_dir, ctx=128, windows=2)
+    assert main(["eval", str(run_dir / chosen["path"]), "--ref", str(small_model_dir), "--ctx", "128",
+                 "--windows", "2", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert [(r["kld_mean"], r["ppl"]) for r in rows] == [(r["kld_mean"], r["ppl"]) for r in cli]
+    th = res["settings"]["thresholds"]
+    assert lowbit.decide(res["rows"], **th)["choice"] == res["verdict"]["choice"]

@@ -4,4 +4,13 @@ __version__ = "0.1.0"
 
 from lowbit.errors import LowbitError  # noqa: E402
 
-__all__ = ["LowbitError", "__version__"]
+__all__ = ["LowbitError", "__version__", "evaluate", "compare", "decide"]
+
+
+def __getattr__(name: str):
+    """The API functions load lazily: `import lowbit` stays cheap (no torch) for the CLI's --help."""
+    if name in ("evaluate", "compare", "decide"):
+        from lowbit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

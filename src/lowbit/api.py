@@ -1,0 +1,54 @@
+"""The Python API the CLI stands on: measure an artifact, compare candidates, decide, run the whole job.
+
+    import lowbit
+    rows = lowbit.evaluate("model-Q4_K_M.gguf", tasks=["arc_easy"], limit=200)
+    verdict = lowbit.decide(rows)
+    results = lowbit.run(target="llama.cpp", out="runs/mine")
+
+Every function returns plain dicts (the same JSON the CLI prints), so results can be stored or diffed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def evaluate(artifact: str | Path, ref: str | Path | None = None, eval_text: str | None = None, ctx: int = 512,
+             windows: int = 32, tasks: Sequence[str] = (), limit: int | None = None,
+             runtime: str = "lowbit") -> list[dict]:
+    """[FP row, artifact row] on the same tokens and questions (see `lowbit eval`)."""
+    from lowbit.eval.compare import EvalSettings, artifact_kind, artifact_source, open_session
+    from lowbit.eval.tasks import parse_tasks
+    from lowbit.model.default import resolve_model
+    from lowbit.report.table import with_delta
+
+    artifact = Path(artifact)
+    artifact_kind(artifact)
+    settings = EvalSettings(eval_text, ctx, windows, None, tuple(parse_tasks(list(tasks))), limit)
+    session = open_session(resolve_model(ref or artifact_source(artifact)), settings)
+    return [r.to_json() for r in with_delta([session.fp_row(), session.score_artifact(artifact, runtime=runtime)])]
+
+
+def compare(model: str | Path | None = None, configs: str = "gguf:Q4_K_M:imatrix,gguf:Q4_K_M:gptq",
+            eval_text: str | None = None, ctx: int = 512, windows: int = 32, tasks: Sequence[str] = (),
+            limit: int | None = None, calib=None, keep: str | Path | None = None) -> list[dict]:
+    """FP row plus one row per config of any kind (see `lowbit compare`); `calib` is a CalibSet when a
+    config needs calibration."""
+    from lowbit.eval.compare import EvalSettings
+    from lowbit.eval.tasks import parse_tasks
+    from lowbit.model.default import resolve_model
+    from lowbit.pipeline.candidates import parse_candidates
+    from lowbit.pipeline.compare import compare_candidates
+
+    settings = EvalSettings(eval_text, ctx, windows, None, tuple(parse_tasks(list(tasks))), limit)
+    rows = compare_candidates(resolve_model(model), parse_candidates(configs), settings,
+                              Path(keep) if keep else None, calib)
+    return [r.to_json() for r in rows]
+
+
+def decide(rows: list[dict], **thresholds) -> dict:
+    """The verdict for measured rows (FP first), with Thresholds' fields as keyword overrides."""
+    from lowbit.pipeline.decide import Thresholds, decide_run
+
+    return decide_run(rows, Thresholds(**thresholds)).to_json()
