@@ -114,3 +114,20 @@ def test_python_api_matches_the_cli(small_model_dir, run_dir, capsys):
     assert [(r["kld_mean"], r["ppl"]) for r in rows] == [(r["kld_mean"], r["ppl"]) for r in cli]
     th = res["settings"]["thresholds"]
     assert lowbit.decide(res["rows"], **th)["choice"] == res["verdict"]["choice"]
+
+
+def test_vllm_target_exports_a_compressed_tensors_folder_transformers_loads(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "v"
+    args = ["run", str(small_model_dir), "--target", "vllm", "--calib-samples", "8", "--calib-seqlen", "128",
+            "--ctx", "128", "--windows", "2", "--tasks", "none", "--ood-text", "none", "--max-ppl-rise", "1000",
+            "--ppl-jump", "2000", "-o", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    res = json.loads((out / "results.json").read_text())
+    assert [r["config"] for r in res["rows"][1:]] == ["gptq:4:128@compressed-tensors", "awq:4:128@compressed-tensors"]
+    (export,) = res["exports"]
+    folder = out / export["path"]
+    assert export["serve"] == f"vllm serve {folder}"
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info.values()), info
