@@ -81,6 +81,14 @@ def _task_text(t: str, r: dict) -> str:
             f"{r['wrong_to_right']} wrong->right, McNemar p={r['p_mcnemar']:.3g}, n={r['n']})")
 
 
+def _noise_note(drops: dict[str, dict]) -> list[str]:
+    """A drop that McNemar cannot tell from noise is still acted on (the cautious side), but said so."""
+    weak = [t for t, r in drops.items() if r.get("p_mcnemar", 0.0) >= 0.05]
+    if not weak:
+        return []
+    return [f"{', '.join(weak)}: not significant at this n (McNemar p >= 0.05); a larger --limit would confirm it"]
+
+
 def step_up(config: str) -> str | None:
     """The next rung of the ladder above `config`, or None at the top."""
     m = re.match(r"gguf:([A-Z0-9_]+)(:.*)?$", config)
@@ -120,6 +128,7 @@ def decide_row(fp: dict, row: dict, th: Thresholds, hint: "CommandHint | None" =
         up = step_up(config)
         reasons = [f"task drop on reasoning: {_task_text(t, r)}" for t, r in reasoning.items()]
         reasons.append(f"above the {100 * th.max_task_drop:.1f}-point threshold; {ppl_text}")
+        reasons += _noise_note(reasoning)
         if up is None:
             return Verdict("keep-fp16", config, reasons + ["no higher rung exists: keep that workload on FP16"],
                            "serve the FP16 model for this workload")
@@ -127,6 +136,7 @@ def decide_row(fp: dict, row: dict, th: Thresholds, hint: "CommandHint | None" =
     if drops:
         reasons = [f"one capability drops: {_task_text(t, r)}" for t, r in drops.items()]
         reasons.append(f"other tasks and PPL hold ({ppl_text})")
+        reasons += _noise_note(drops)
         return Verdict("raise-precision", config, reasons, hint.raise_layers(config, []))
     if rise > th.max_ppl_rise:
         up = step_up(config)
