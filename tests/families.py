@@ -32,10 +32,17 @@ FAMILIES = ("llama3", "llama-spm", "mistral", "qwen2", "qwen3")
 
 
 def package_dir(name: str) -> Path:
+    """A data package's folder: importable, or unpacked under <venv>/data-packages (mistral-common lives
+    there: importable without its own dependencies, it breaks transformers' tokenizer loading)."""
+    import sys
+
     spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {name} is not installed (make setup installs it)")
-    return Path(list(spec.submodule_search_locations)[0])
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    data = Path(sys.prefix) / "data-packages" / name
+    if data.is_dir():
+        return data
+    raise FileNotFoundError(f"package {name} is not installed (make setup installs it)")
 
 
 def llamacpp_source() -> Path:
