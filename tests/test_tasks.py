@@ -97,3 +97,21 @@ def test_grade_picks_by_sum_and_by_length_normalised_sum(model_dir):
     assert s.correct.shape == (3,) and n == 6
     gold_short = [min(range(2), key=lambda i: len(q.choices[i][1])) == q.label for q in reqs.questions]
     assert s.correct.tolist() == gold_short
+
+
+@pytest.mark.parametrize("fam", ["llama3", "llama-spm", "mistral", "qwen2", "qwen3"])
+def test_task_scoring_matches_transformers_on_every_family(fam, tmp_path):
+    """Biases, q/k norms, BOS-adding tokenizers: the task log-likelihoods are transformers' on every family."""
+    from families import build_family_model
+    from transformers import AutoModelForCausalLM
+
+    folder = build_family_model(fam, tmp_path / fam)
+    tok = load_tokenizer(folder)
+    reqs = build_requests(tok, "arc_easy", limit=2)
+    mine = continuation_logprobs(FolderWeights(ModelFolder(folder)), reqs.requests)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    for (ctx, cont), (lp, _) in zip(reqs.requests, mine):
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ctx + cont])).logits[0].float(), -1)
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        assert lp == pytest.approx(logp[pos, torch.tensor(cont)].sum().item(), abs=5e-3, rel=1e-4)
