@@ -174,6 +174,20 @@ def artifact_kind(path: Path) -> str:
                       "or an exported compressed-tensors/GPTQ/AWQ folder")
 
 
+def open_artifact(path: Path) -> WeightSource:
+    """The weight source of any quantized artifact, chosen by artifact_kind."""
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        from lowbit.formats.gguf import GGUFWeights
+
+        return GGUFWeights(path)
+    if kind == "hf-export":
+        from lowbit.formats.hf_export import HFExport
+
+        return HFExport(path)
+    return LowbitCheckpoint(path)
+
+
 def artifact_source(path: Path) -> str | None:
     """The source model an artifact records (lowbit checkpoints and exports do), for --ref's default."""
     path = Path(path)

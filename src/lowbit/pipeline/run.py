@@ -138,16 +138,12 @@ def measure_candidate(st: RunState, cand: Candidate) -> dict:
 
 
 def _layer_errors(st: RunState, path: Path) -> list[dict]:
+    from lowbit.eval.compare import open_artifact
     from lowbit.eval.layer_error import layer_errors
-    from lowbit.formats.gguf import GGUFWeights
-    from lowbit.formats.hf_export import HFExport
-    from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
     from lowbit.model.forward import FolderWeights
 
-    kind = "gguf" if path.suffix == ".gguf" else "lowbit" if (path / "lowbit.json").is_file() else "hf"
-    quant = {"gguf": GGUFWeights, "lowbit": LowbitCheckpoint, "hf": HFExport}[kind](path)
     tokens = st.main.windows.tokens[: st.cfg.layer_windows]
-    return layer_errors(FolderWeights(st.main.folder), quant, tokens)
+    return layer_errors(FolderWeights(st.main.folder), open_artifact(path), tokens)
 
 
 def fp_row(st: RunState) -> dict:
