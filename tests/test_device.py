@@ -1,0 +1,114 @@
+"""The device path (layers moved to a device, activations maybe offloaded) against the pre-device code.
+
+`tests/data/device_golden.json` holds digests of every tensor written by the code as it was before
+`--device` existed (commit named in the file), for RTN, GPTQ and AWQ checkpoints and RTN / GPTQ GGUFs
+of the real model cut to two layers. The device path with device="cpu" must reproduce them byte for
+byte. Float results depend on the CPU's vector ISA, so the comparison runs where torch reports the same
+capability as the machine that recorded them and skips elsewhere (saying so).
+
+Run `python tests/test_device.py --record` to re-record (only when a change of output is intended and
+documented in the README with its measured KLD).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "device_golden.json"
+CHECKPOINTS = ("rtn:4:128", "gptq:4:128", "awq:4:128")
+GGUFS = ("rtn", "gptq")
+
+
+def tensor_digest(tensors: dict[str, "torch.Tensor"]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def checkpoint_digest(folder: Path) -> str:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensor_digest(tensors)
+
+
+def gguf_digest(path: Path) -> str:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return tensor_digest({t.name: torch.from_numpy(t.data.copy()).reshape(-1).view(torch.uint8)
+                          for t in reader.tensors})
+
+
+def produce(model_dir: Path, out: Path, **device_kwargs) -> dict[str, str]:
+    """Digests of every golden output, quantized with `device_kwargs` (none: the caller's default path)."""
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.imatrix import compute_imatrix
+    from lowbit.calib.text import default_calib_text
+    from lowbit.eval.data import load_tokenizer
+    from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
+    from lowbit.quant.methods import parse_config
+    from lowbit.quant.pipeline import quantize_checkpoint
+
+    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(8, 128, seed=0))
+    digests = {}
+    for cfg in CHECKPOINTS:
+        path = out / cfg.replace(":", "_")
+        quantize_checkpoint(model_dir, parse_config(cfg), path, calib=calib, **device_kwargs)
+        digests[cfg] = checkpoint_digest(path)
+    imatrix = compute_imatrix(model_dir, calib, **device_kwargs)
+    for method in GGUFS:
+        path = out / f"{method}.gguf"
+        quantize_to_gguf(model_dir, GGUFConfig("Q4_K_M", method), path, calib=calib, imatrix=imatrix,
+                         **device_kwargs)
+        digests[f"gguf:Q4_K_M:{method}"] = gguf_digest(path)
+    return digests
+
+
+def cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_cpu_device_path_matches_pre_device_outputs(small_model_dir: Path, tmp_path: Path, offload: bool) -> None:
+    golden = json.loads(GOLDEN.read_text())
+    if golden["cpu_capability"] != cpu_capability() or golden["torch"] != torch.__version__:
+        pytest.skip(f"golden digests were recorded with torch {golden['torch']} on {golden['cpu_capability']}, "
+                    f"this is torch {torch.__version__} on {cpu_capability()}")
+    got = produce(small_model_dir, tmp_path, device="cpu", offload_activations=offload)
+    assert got == golden["digests"]
+
+
+def _record() -> None:
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import small_model_dir as fixture  # noqa: F401  (the same cut as the tests use)
+
+    from lowbit.model.default import default_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = Path(tmp) / "cut"
+        cut.mkdir()
+        fixture.__wrapped__(default_model_dir(), type("F", (), {"mktemp": lambda self, n: cut})())
+        digests = produce(cut, Path(tmp))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    GOLDEN.write_text(json.dumps({"commit": commit, "torch": torch.__version__, "cpu_capability": cpu_capability(),
+                                  "digests": digests}, indent=2) + "\n")
+    print(GOLDEN.read_text())
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    _record()
