@@ -80,13 +80,12 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_cpu_device_path_matches_pre_device_outputs(small_model_dir: Path, tmp_path: Path, offload: bool) -> None:
+def test_cpu_device_path_matches_pre_device_outputs(small_model_dir: Path, tmp_path: Path) -> None:
     golden = json.loads(GOLDEN.read_text())
     if golden["cpu_capability"] != cpu_capability() or golden["torch"] != torch.__version__:
         pytest.skip(f"golden digests were recorded with torch {golden['torch']} on {golden['cpu_capability']}, "
                     f"this is torch {torch.__version__} on {cpu_capability()}")
-    got = produce(small_model_dir, tmp_path, device="cpu", offload_activations=offload)
+    got = produce(small_model_dir, tmp_path, device="cpu")
     assert got == golden["digests"]
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from lowbit.runtime import computing_on
+
 
 def evaluate(artifact: str | Path, ref: str | Path | None = None, eval_text: str | None = None, ctx: int = 512,
              windows: int = 32, tasks: Sequence[str] = (), limit: int | None = None,
-             runtime: str = "lowbit") -> list[dict]:
-    """[FP row, artifact row] on the same tokens and questions (see `lowbit eval`)."""
+             runtime: str = "lowbit", device: str | None = None) -> list[dict]:
+    """[FP row, artifact row] on the same tokens and questions (see `lowbit eval`); `device` as --device."""
     from lowbit.eval.compare import EvalSettings, artifact_kind, artifact_source, open_session
     from lowbit.eval.tasks import parse_tasks
     from lowbit.model.default import resolve_model
@@ -26,13 +28,16 @@ def evaluate(artifact: str | Path, ref: str | Path | None = None, eval_text: str
     artifact = Path(artifact)
     artifact_kind(artifact)
     settings = EvalSettings(eval_text, ctx, windows, None, tuple(parse_tasks(list(tasks))), limit)
-    session = open_session(resolve_model(ref or artifact_source(artifact)), settings)
-    return [r.to_json() for r in with_delta([session.fp_row(), session.score_artifact(artifact, runtime=runtime)])]
+    with computing_on(device):
+        session = open_session(resolve_model(ref or artifact_source(artifact)), settings)
+        rows = with_delta([session.fp_row(), session.score_artifact(artifact, runtime=runtime)])
+    return [r.to_json() for r in rows]
 
 
 def compare(model: str | Path | None = None, configs: str = "gguf:Q4_K_M:imatrix,gguf:Q4_K_M:gptq",
             eval_text: str | None = None, ctx: int = 512, windows: int = 32, tasks: Sequence[str] = (),
-            limit: int | None = None, calib=None, keep: str | Path | None = None) -> list[dict]:
+            limit: int | None = None, calib=None, keep: str | Path | None = None,
+            device: str | None = None) -> list[dict]:
     """FP row plus one row per config of any kind (see `lowbit compare`); `calib` is a CalibSet when a
     config needs calibration."""
     from lowbit.eval.compare import EvalSettings
@@ -42,8 +47,9 @@ def compare(model: str | Path | None = None, configs: str = "gguf:Q4_K_M:imatrix
     from lowbit.pipeline.compare import compare_candidates
 
     settings = EvalSettings(eval_text, ctx, windows, None, tuple(parse_tasks(list(tasks))), limit)
-    rows = compare_candidates(resolve_model(model), parse_candidates(configs), settings,
-                              Path(keep) if keep else None, calib)
+    with computing_on(device):
+        rows = compare_candidates(resolve_model(model), parse_candidates(configs), settings,
+                                  Path(keep) if keep else None, calib)
     return [r.to_json() for r in rows]
 
 

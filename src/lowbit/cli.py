@@ -40,6 +40,19 @@ TasksOpt = typer.Option(None, "--tasks", help="Multiple-choice tasks scored besi
                         "(arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, sciq, openbookqa, "
                         "commonsense_qa, mmlu).")
 LimitOpt = typer.Option(None, "--limit", help="Score only the first N questions of each task.")
+DeviceOpt = typer.Option("cpu", "--device", help="Where each layer computes: cpu, cuda, cuda:N, mps, or auto "
+                         "(a GPU when there is one). The model stays on disk either way.")
+OffloadOpt = typer.Option(False, "--offload-activations", help="Keep calibration/eval activations in (pinned) CPU "
+                          "memory, copying each batch to the device, when they would not fit beside a layer.")
+
+
+def _use_device(device: str, offload: bool) -> None:
+    from lowbit.report.progress import info
+    from lowbit.runtime import use_device
+
+    where = use_device(device, offload)
+    if not where.on_cpu:
+        info(f"computing on {where.device}" + (" (activations offloaded to CPU memory)" if offload else ""))
 
 
 def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: int, mode: str):
@@ -106,6 +119,8 @@ def quantize(
                                            "lowbit .safetensors) weighting llama.cpp's block search."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "
                                                     "e.g. 'attn_v=Q8_0' (repeatable)."),
+    device: str = DeviceOpt,
+    offload_activations: bool = OffloadOpt,
 ) -> None:
     """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json), or a GGUF.
 
@@ -113,6 +128,7 @@ def quantize(
     (rtn = llama.cpp's own search; gptq / awq = calibrated). --bits/--group-size do not apply there.
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
+    _use_device(device, offload_activations)
     if fmt == "gguf":
         _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
@@ -206,8 +222,11 @@ def eval_cmd(
                                 "forward), llama.cpp (a GGUF, llama.cpp's own logits) or transformers (an "
                                 "exported compressed-tensors folder, its real loader)."),
     as_json: bool = JsonOpt,
+    device: str = DeviceOpt,
+    offload_activations: bool = OffloadOpt,
 ) -> None:
     """Measure a quantized artifact against its FP model: PPL, KLD (mean, p99), top-1 agreement, tasks."""
+    _use_device(device, offload_activations)
     from lowbit.calib.text import check_disjoint
     from lowbit.eval.compare import RUNTIMES, artifact_kind, artifact_source, open_session
     from lowbit.model.default import resolve_model
@@ -245,8 +264,11 @@ def compare(
     calib_mode: str = ModeOpt,
     keep: Optional[Path] = typer.Option(None, "--keep", help="Keep the quantized artifacts in this folder."),
     as_json: bool = JsonOpt,
+    device: str = DeviceOpt,
+    offload_activations: bool = OffloadOpt,
 ) -> None:
     """Build MODEL with each config (any kind) and print one table against the FP model."""
+    _use_device(device, offload_activations)
     from lowbit.calib.text import check_disjoint
     from lowbit.model.default import resolve_model
     from lowbit.pipeline.candidates import parse_candidates
@@ -308,8 +330,11 @@ def run(
     max_task_drop: float = typer.Option(0.02, "--max-task-drop", help="Task accuracy drop (fraction) that still ships."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder (resumed when it holds the same run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder with other settings."),
+    device: str = DeviceOpt,
+    offload_activations: bool = OffloadOpt,
 ) -> None:
     """The whole job: calibrate, quantize the target's recommended candidates, measure, decide, export, report."""
+    _use_device(device, offload_activations)
     from lowbit.calib.text import check_disjoint
     from lowbit.model.default import resolve_model
     from lowbit.pipeline.decide import Thresholds
@@ -367,8 +392,11 @@ def imatrix(
     output: Path = typer.Option(..., "-o", "--output", help="Output .gguf (llama.cpp format); a .safetensors "
                                 "twin in lowbit's format is written beside it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
+    device: str = DeviceOpt,
+    offload_activations: bool = OffloadOpt,
 ) -> None:
     """Compute an importance matrix (mean x^2 per input column of every linear) with the FP model."""
+    _use_device(device, offload_activations)
     from lowbit.calib.imatrix import compute_imatrix
     from lowbit.formats.atomic import check_writable_target
     from lowbit.formats.imatrix import write_imatrix_gguf, write_imatrix_lowbit
@@ -407,7 +435,10 @@ def text_path(name: str = typer.Argument("wiki", help="wiki, wiki-calib or botch
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False, prog_name="lowbit")
+        from lowbit.runtime import preserved_placement
+
+        with preserved_placement():
+            app(args=argv, standalone_mode=False, prog_name="lowbit")
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2

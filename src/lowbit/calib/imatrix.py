@@ -17,25 +17,30 @@ from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weigh
 from lowbit.model.hf import ModelFolder
 from lowbit.quant.stats import LayerStats
 from lowbit.report.progress import progress
+from lowbit.runtime import placement
 
 FORWARD_BATCH = 8
 
 
 @torch.inference_mode()
-def compute_imatrix(model_dir: Path, calib: CalibSet) -> Imatrix:
+def compute_imatrix(model_dir: Path, calib: CalibSet, device: str | None = None,
+                    offload_activations: bool = False) -> Imatrix:
+    """The importance matrix of every linear; each layer runs on `device` (lowbit.runtime.Placement)."""
+    where = placement(device, offload_activations)
     folder = ModelFolder(model_dir)
     spec = folder.spec
-    rope = build_rope(folder.config, spec, calib.tokens.shape[1])
-    x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+    rope = where.rope(build_rope(folder.config, spec, calib.tokens.shape[1]))
+    x = where.activations(torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed)))
     out: Imatrix = {}
     with progress("imatrix", spec.num_layers) as advance:
         for i in range(spec.num_layers):
-            w = layer_weights(folder.get, spec, i)
-            stats = LayerStats()
+            w = where.weights(layer_weights(folder.get, spec, i))
+            stats = LayerStats(dtype=where.stats_dtype)
             for sl in batches(x.shape[0], FORWARD_BATCH):
-                x[sl] = decoder_layer(x[sl], w, spec, rope, hook=stats)
+                x[sl] = where.home(decoder_layer(where.compute(x[sl]), w, spec, rope, hook=stats), x)
             for short, sfx in LINEARS:
                 g = stats.for_linear(short)
-                out[layer_tensor_name(spec.arch, i, sfx)] = from_layer_sums(short, g.sumsq, g.count)
+                out[layer_tensor_name(spec.arch, i, sfx)] = from_layer_sums(short, g.sumsq.cpu().double(), g.count)
+            del w
             advance()
     return out

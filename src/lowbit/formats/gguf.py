@@ -375,8 +375,12 @@ def _write_general(w: Any, model_dir: Path | None, name: str, n_params: int) -> 
     meta.set_gguf_meta_model(w)
 
 
+TensorPlan = list  # [(hf_name, ggml type name, logical shape)] in file order
+
+
 def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any], vocab: Any,
-               name: str = "lowbit", file_type: int = 0, model_dir: Path | None = None) -> None:
+               name: str = "lowbit", file_type: int = 0, model_dir: Path | None = None,
+               plan: TensorPlan | None = None) -> None:
     """Write a Llama-family GGUF atomically (general.architecture from the arch table).
 
     `tensors()` yields (hf_name, data, ggml type name) lazily: a float tensor for
@@ -385,6 +389,11 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
     whole rows and so never touches a block). Every tensor of the model must be
     among them (checked before the file is renamed into place); rope_freqs is
     added here when the config asks for Llama 3.1 rope scaling.
+
+    With `plan` (every tensor's name, type and shape, in the order `tensors()` yields them) the
+    header is written first and each tensor goes to disk as it arrives, so the file is never held
+    in memory: a GGUF of a model larger than RAM streams through one tensor at a time. Without it
+    the tensors are gathered first (small files, tests).
     """
     import gguf
 
@@ -394,31 +403,27 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
 
     arch = arch_for(config.get("model_type", "llama"), "config.json")
     spec = spec_from_config(config, arch, Path("config.json"))
-    heads, kv = spec.num_heads, spec.num_kv_heads
     rope_freqs = llama3_rope_factors(config, spec.head_dim)
+
+    def file_arrays():
+        for hf_name, data, qtype in tensors():
+            yield hf_name, _file_array(data, qtype, hf_name, arch, spec), qtype
+
+    if plan is None:
+        gathered = list(file_arrays())
+        plan = [(n, q, spec_shape(a, q)) for n, a, q in gathered]
+        arrays = iter(gathered)
+    else:
+        arrays = file_arrays()
+    check_nothing_dropped(expected_tensor_names(arch, spec), [n for n, _, _ in plan], lambda n: n,
+                          f"the GGUF {out_path.name}")
+    n_params = sum(int(np.prod(shape)) for _, _, shape in plan) + (0 if rope_freqs is None else rope_freqs.size)
     with atomic_file(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        written: list[str] = []
-        n_params = 0 if rope_freqs is None else rope_freqs.size
         if rope_freqs is not None:
-            w.add_tensor(ROPE_FREQS, rope_freqs)
-        for hf_name, data, qtype in tensors():
-            quantized = qtype not in ("F32", "F16")
-            arr = np.asarray(data, dtype=np.uint8) if quantized else data.float().numpy()
-            if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                arr = permute_qk(arr, heads)
-            elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                arr = permute_qk(arr, kv)
-            written.append(hf_name)
-            n_params += int(np.prod(spec_shape(arr, qtype)))
-            if quantized:
-                w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr),
-                             raw_dtype=gguf.GGMLQuantizationType[qtype])
-                continue
-            if qtype == "F16" and arr.ndim == 2:
-                arr = arr.astype(np.float16)
-            w.add_tensor(hf_name_to_gguf(hf_name), np.ascontiguousarray(arr))
-        check_nothing_dropped(expected_tensor_names(arch, spec), written, lambda n: n, f"the GGUF {out_path.name}")
+            w.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
+        for hf_name, qtype, shape in plan:
+            _add_tensor_info(w, hf_name, qtype, shape)
         _write_general(w, model_dir, name, n_params)
         _write_hparams(w, config, arch)
         w.add_file_type(file_type)
@@ -429,8 +434,49 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
         vocab.write(w)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        if rope_freqs is not None:
+            w.write_tensor_data(rope_freqs)
+        for (want, qtype, shape), (hf_name, arr, got_type) in zip(plan, arrays, strict=True):
+            if (want, qtype) != (hf_name, got_type) or tuple(shape) != tuple(spec_shape(arr, got_type)):
+                raise ValueError(f"GGUF writer: planned {want} {qtype} {tuple(shape)}, got {hf_name} {got_type} "
+                                 f"{tuple(spec_shape(arr, got_type))}")
+            w.write_tensor_data(arr)
+            del arr
         w.close()
+
+
+def _file_array(data: Any, qtype: str, hf_name: str, arch: Arch, spec: Any) -> np.ndarray:
+    """One tensor as the bytes the file holds: permuted q/k rows, F16 for 2-D F16 tensors, else F32."""
+    quantized = qtype not in ("F32", "F16")
+    arr = np.asarray(data, dtype=np.uint8) if quantized else data.float().numpy()
+    if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        arr = permute_qk(arr, spec.num_heads)
+    elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        arr = permute_qk(arr, spec.num_kv_heads)
+    if qtype == "F16" and arr.ndim == 2:
+        arr = arr.astype(np.float16)
+    return np.ascontiguousarray(arr)
+
+
+def _add_tensor_info(w: Any, hf_name: str, qtype: str, shape: tuple[int, ...]) -> None:
+    import gguf
+
+    gguf_name = hf_name_to_gguf(hf_name)
+    if qtype in ("F32", "F16"):
+        dtype = np.dtype(np.float16 if qtype == "F16" and len(shape) == 2 else np.float32)
+        w.add_tensor_info(gguf_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        return
+    raw = gguf.GGMLQuantizationType[qtype]
+    block, nbytes = gguf.GGML_QUANT_SIZES[raw]
+    rows, cols = shape
+    byte_shape = (rows, cols // block * nbytes)
+    w.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8), rows * byte_shape[1], raw_dtype=raw)
+
+
+def tensor_plan(folder: Any, types: dict[str, str]) -> TensorPlan:
+    """The write plan of a HF folder whose tensors get `types` (hf name -> ggml type), in GGUF order."""
+    return [(n, types[n], tuple(folder.shape(n))) for n in gguf_tensor_order(folder.spec)]
 
 
 def spec_shape(arr: np.ndarray, qtype: str) -> tuple[int, ...]:
@@ -457,13 +503,15 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
 
     folder = ModelFolder(model_dir)
 
+    types = {n: file_type if len(folder.shape(n)) == 2 else "F32" for n in gguf_tensor_order(folder.spec)}
+
     def tensors():
         for name in gguf_tensor_order(folder.spec):
-            tensor = folder.get(name)
-            yield name, tensor, file_type if tensor.dim() == 2 else "F32"
+            yield name, folder.get(name), types[name]
 
     write_gguf(out_path, folder.config, tensors, model_vocab(model_dir, folder.config), name=Path(model_dir).name,
-               file_type={"F32": 0, "F16": 1}[file_type], model_dir=Path(model_dir))
+               file_type={"F32": 0, "F16": 1}[file_type], model_dir=Path(model_dir),
+               plan=tensor_plan(folder, types))
     return out_path
 
 

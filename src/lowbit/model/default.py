@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from lowbit.errors import LowbitError
@@ -49,6 +50,37 @@ def default_model_dir() -> Path:
     return out
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
 def resolve_model(model: str | Path | None) -> Path:
-    """A user's --model argument, or the default model when none is given."""
-    return default_model_dir() if model in (None, "", "default") else Path(model)
+    """A user's MODEL argument: a folder, a Hugging Face repo id found in the local HF cache, or the
+    default model when none is given."""
+    if model in (None, "", "default"):
+        return default_model_dir()
+    path = Path(model)
+    if path.exists() or not HUB_ID.match(str(model)):
+        return path
+    return hub_snapshot(str(model))
+
+
+def hub_snapshot(repo: str) -> Path:
+    """The cached snapshot folder of `org/name[@revision]`, offline: nothing is ever downloaded.
+
+    huggingface_hub resolves the revision (a branch, tag or commit) through the cache's refs, exactly
+    as `from_pretrained(..., local_files_only=True)` would; a missing entry is one line naming the
+    cache folder that was searched and how to fill it.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, _, revision = repo.partition("@")
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE  # read now: the user may have just set it
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise LowbitError(
+            f"{repo}: no folder of that name here, and no snapshot of the Hugging Face repo {repo_id} "
+            f"(revision {revision or 'main'}) in the HF cache {cache}; lowbit never downloads: "
+            f"run `hf download {repo_id}` where there is network (or set HF_HUB_CACHE), or pass the model folder"
+        ) from None

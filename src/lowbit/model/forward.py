@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lowbit.model.arch import layer_name
 from lowbit.model.hf import ModelFolder, ModelSpec
+from lowbit.runtime import placement
 
 
 class WeightSource(Protocol):
@@ -191,16 +192,17 @@ def run_layers(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
                on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
     """Final-normed hidden states [N, T, H] for token windows [N, T], one layer in memory at a time."""
     spec = source.spec
-    rope = build_rope(source.config, spec, tokens.shape[1])
-    x = F.embedding(tokens, source.embedding())
+    where = placement()
+    rope = where.rope(build_rope(source.config, spec, tokens.shape[1]))
+    x = where.activations(F.embedding(tokens, source.embedding()))
     for i in range(spec.num_layers):
-        w = source.layer(i)
+        w = where.weights(source.layer(i))
         for sl in batches(x.shape[0], batch):
-            x[sl] = decoder_layer(x[sl], w, spec, rope)
+            x[sl] = where.home(decoder_layer(where.compute(x[sl]), w, spec, rope), x)
         del w
         if on_layer:
             on_layer(i)
-    return rms_norm(x, source.final_norm(), spec.rms_norm_eps)
+    return rms_norm(x, source.final_norm().to(x.device), spec.rms_norm_eps)
 
 
 @torch.inference_mode()
@@ -213,29 +215,31 @@ def run_layers_ragged(source: WeightSource, buckets: list[torch.Tensor], batch: 
     length avoids padding everything to the longest, and right padding inside a bucket is harmless
     to a causal model for the positions that are scored."""
     spec = source.spec
-    rope = build_rope(source.config, spec, max(b.shape[1] for b in buckets))
+    where = placement()
+    rope = where.rope(build_rope(source.config, spec, max(b.shape[1] for b in buckets)))
     emb = source.embedding()
-    xs = [F.embedding(b, emb) for b in buckets]
+    xs = [where.activations(F.embedding(b, emb)) for b in buckets]
     del emb
     for i in range(spec.num_layers):
-        w = source.layer(i)
+        w = where.weights(source.layer(i))
         for x in xs:
             for sl in batches(x.shape[0], batch):
-                x[sl] = decoder_layer(x[sl], w, spec, rope)
+                x[sl] = where.home(decoder_layer(where.compute(x[sl]), w, spec, rope), x)
         del w
         if on_layer:
             on_layer(i)
     norm = source.final_norm()
-    return [rms_norm(x, norm, spec.rms_norm_eps) for x in xs]
+    return [rms_norm(x.cpu(), norm, spec.rms_norm_eps) for x in xs]
 
 
 @torch.inference_mode()
 def iter_logits(source: WeightSource, tokens: torch.Tensor, batch: int = 8,
                 on_layer: Callable[[int], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (window index, float32 logits [T, V]) one window at a time to bound memory."""
+    where = placement()
     hidden = run_layers(source, tokens, batch, on_layer)
-    head = source.lm_head()
+    head = source.lm_head().to(where.device)
     head_act = getattr(source, "head_act_quant", None)
     for n in range(hidden.shape[0]):
-        h = hidden[n] if head_act is None else head_act(hidden[n])
-        yield n, h @ head.T
+        h = where.compute(hidden[n] if head_act is None else head_act(hidden[n]))
+        yield n, (h @ head.T).cpu()

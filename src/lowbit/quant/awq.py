@@ -119,7 +119,7 @@ def smooth_block(w: dict[str, torch.Tensor], stats: LayerStats, cfg: GridConfig,
             if f"{producer}_bias" in w:
                 w[f"{producer}_bias"] = w[f"{producer}_bias"] / s
         # The consumers now read x / s: keep the statistics describing their real input.
-        s64 = s.double()
+        s64 = s.to(g.hessian.dtype)  # float64 on the CPU, the statistics' own dtype on a GPU
         g.hessian = g.hessian / s64.view(-1, 1) / s64.view(1, -1)
         g.abs_sum = g.abs_sum / s64
         g.sumsq = g.sumsq / s64.pow(2)
@@ -136,11 +136,11 @@ def search_clip(weight: torch.Tensor, gram: torch.Tensor, cfg: GridConfig, acfg:
     """
     wg = group_view(weight, cfg)  # [out, ng, gl]
     n_groups, glen = wg.shape[1], wg.shape[2]
-    padded = torch.zeros(n_groups * glen, n_groups * glen, dtype=gram.dtype)
+    padded = torch.zeros(n_groups * glen, n_groups * glen, dtype=gram.dtype, device=gram.device)
     padded[: gram.shape[0], : gram.shape[1]] = gram
     blocks = torch.stack([padded[g * glen:(g + 1) * glen, g * glen:(g + 1) * glen] for g in range(n_groups)])
-    best = torch.ones(wg.shape[:2])
-    best_err = torch.full(wg.shape[:2], float("inf"))
+    best = torch.ones(wg.shape[:2], device=wg.device)
+    best_err = torch.full(wg.shape[:2], float("inf"), device=wg.device)
     steps = int(acfg.clip_grid * acfg.clip_max_shrink) + 1
     for i in range(steps):
         r = 1 - i / acfg.clip_grid

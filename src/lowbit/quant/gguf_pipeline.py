@@ -37,10 +37,9 @@ from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats.atomic import check_writable_target
-from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, model_vocab, write_gguf
+from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, model_vocab, tensor_plan, write_gguf
 from lowbit.formats.imatrix import Imatrix
 from lowbit.model.arch import LINEARS, layer_name
-from lowbit.model.forward import batches, decoder_layer
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import awq
 from lowbit.quant.ggml_blocks import block_type
@@ -48,8 +47,9 @@ from lowbit.quant.gguf_mix import FILE_TYPES, TensorInfo, choose_types, parse_fi
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
-from lowbit.quant.pipeline import FORWARD_BATCH, PartialRun, run_sequential
+from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.runtime import Placement, placement
 
 GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
 FLOAT_TYPES = ("F32", "F16")
@@ -158,8 +158,8 @@ def rtn_tensor(t: torch.Tensor, qtype: str, importance: np.ndarray | None) -> tu
     if qtype in FLOAT_TYPES:
         return None, _as_float(t, qtype)
     bt = block_type(qtype)
-    raw = bt.quantize(t.float().numpy(), importance)
-    return raw, torch.from_numpy(bt.dequantize(raw, t.shape[1]))
+    raw = bt.quantize(t.float().cpu().numpy(), importance)
+    return raw, torch.from_numpy(bt.dequantize(raw, t.shape[1])).to(t.device)
 
 
 def _importance(imatrix: Imatrix | None, name: str) -> np.ndarray | None:
@@ -168,12 +168,12 @@ def _importance(imatrix: Imatrix | None, name: str) -> np.ndarray | None:
 
 def _stats_importance(stats: LayerStats, short: str) -> np.ndarray:
     g = stats.for_linear(short)
-    return (g.sumsq / max(1, g.count)).float().numpy()
+    return (g.sumsq / max(1, g.count)).float().cpu().numpy()
 
 
 def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg: GGUFConfig, spec: ModelSpec,
-                        rope, names: dict[str, str], types: dict[str, str], imatrix: Imatrix | None
-                        ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+                        rope, names: dict[str, str], types: dict[str, str], imatrix: Imatrix | None,
+                        where: Placement = Placement()) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """Quantize one decoder layer's linears onto their block types; `w` may be rewritten (AWQ).
 
     Returns (raw rows of each quantized linear, dequantized weight of every linear).
@@ -181,9 +181,7 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     stats = None
     if gcfg.method != "rtn":
         assert x is not None
-        stats = LayerStats(hessian=True, activations=gcfg.smooths)
-        for sl in batches(x.shape[0], FORWARD_BATCH):
-            decoder_layer(x[sl], w, spec, rope, hook=stats)
+        stats = gather_stats(x, w, spec, rope, LayerStats(True, gcfg.smooths, where.stats_dtype), where)
     if gcfg.smooths:
         fakes = {s: _fake_block(types[names[s]]) for s, _ in LINEARS}
         awq.smooth_block(w, stats, AWQ_NORM_GRID, spec, fakes=fakes)
@@ -252,14 +250,19 @@ def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bool = False,
                      calib: CalibSet | None = None, imatrix: Imatrix | None = None,
-                     after_layer: Callable[[int], None] | None = None, vocab=None) -> GGUFStats:
+                     after_layer: Callable[[int], None] | None = None, vocab=None,
+                     device: str | None = None, offload_activations: bool = False) -> GGUFStats:
     """Write `model_dir` quantized as a llama.cpp GGUF of type `gcfg.file_type` to `out` (atomic, resumable).
+
+    `device`: where each layer's statistics, GPTQ solve and propagation run (lowbit.runtime.Placement);
+    the block searches themselves run in numpy on the CPU.
 
     `vocab`: the model's GGUF vocabulary when the caller already read it (to fail on an unmappable
     tokenizer before building calibration data); read here otherwise.
     """
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
+    where = placement(device, offload_activations)
     if gcfg.method != "rtn" and calib is None:
         raise LowbitError(f"--method {gcfg.method} needs calibration text; pass --calib-text FILE")
     spec = folder.spec
@@ -269,12 +272,12 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
-        raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix)
+        raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix, where)
         saved = {k: v for k, v in w.items() if k not in raws}
         saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
         return deq, saved
 
-    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer)
+    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer, where)
     stats = _write(folder, gcfg, out, state, types, vocab)
     state.remove()
     _write_modelfile(out, vocab.chat_template)
@@ -310,7 +313,7 @@ def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, 
             yield name, data, qtype
 
     write_gguf(out, folder.config, tensors, vocab, name=Path(folder.path).name,
-               file_type=FILE_TYPES[gcfg.file_type][1], model_dir=Path(folder.path))
+               file_type=FILE_TYPES[gcfg.file_type][1], model_dir=Path(folder.path), plan=tensor_plan(folder, types))
     return stats
 
 

@@ -119,9 +119,9 @@ def quantize_layer(weight: torch.Tensor, stats: object, config: GridConfig, name
 
     perm = _column_order(H, gptq.act_order)
     static = _static_params(W, config) if gptq.static_groups and config.group_size != -1 else None
-    W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky_upper(H, gptq, name)
-    importance = torch.diagonal(H).float() if gptq.mse_grid else None
+    W, H = W[:, perm.to(W.device)], H[perm][:, perm]
+    U = _inverse_cholesky_upper(H, gptq, name).to(W.device)
+    importance = torch.diagonal(H).float().to(W.device) if gptq.mse_grid else None
     with single_thread():
         codes, scales, zeros = _gptq_loop(W, U, perm, config, gptq.block_size, static, importance)
 
@@ -150,7 +150,7 @@ def _hessian_of(stats: object, n_in: int, name: str) -> torch.Tensor:
         raise LowbitError(f"{name}: GPTQ stats must be a HessianAccumulator or a tensor, got {type(stats).__name__}")
     if tuple(H.shape) != (n_in, n_in):
         raise LowbitError(f"{name}: GPTQ Hessian has shape {tuple(H.shape)}, expected ({n_in}, {n_in})")
-    H = H.to(torch.float64)
+    H = H.to("cpu" if H.device.type == "mps" else H.device).to(torch.float64)  # MPS has no float64
     if not torch.isfinite(H).all():
         raise LowbitError(f"{name}: GPTQ Hessian contains NaN or Inf; check the calibration inputs")
     return H
@@ -161,14 +161,14 @@ def _handle_dead_columns(H: torch.Tensor, W: torch.Tensor) -> None:
     output, so zero them (exactly representable) and put 1 on the diagonal to keep H invertible."""
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, dead.to(W.device)] = 0.0
 
 
 def _column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     """Identity, or columns by descending diag(H) (stable sort, so runs are deterministic)."""
     n = H.shape[0]
     if not act_order:
-        return torch.arange(n)
+        return torch.arange(n, device=H.device)
     return torch.sort(torch.diagonal(H), descending=True, stable=True).indices
 
 
@@ -187,7 +187,7 @@ def _inverse_cholesky_upper(H: torch.Tensor, gptq: GPTQConfig, name: str) -> tor
     """
     n = H.shape[0]
     base = gptq.damp_percent * float(torch.diagonal(H).mean())
-    eye = torch.eye(n, dtype=H.dtype)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
     damp = base
     for _ in range(gptq.max_damp_retries + 1):
         if damp > 0:
@@ -207,7 +207,7 @@ def _try_factor(Hd: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     # cholesky_solve against I: same result as torch.cholesky_inverse, ~30x faster on CPU in float64.
-    Hinv = torch.cholesky_solve(torch.eye(Hd.shape[0], dtype=Hd.dtype), L)
+    Hinv = torch.cholesky_solve(torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device), L)
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
     if int(info) != 0 or not torch.isfinite(U).all() or bool((torch.diagonal(U) <= 0).any()):
         return None
@@ -229,11 +229,11 @@ def _gptq_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, cfg: GridCo
     if static is not None:
         scales, zeros = static
     else:
-        scales = torch.zeros(out, n_groups)
-        zeros = torch.zeros(out, n_groups)
+        scales = torch.zeros(out, n_groups, device=W.device)
+        zeros = torch.zeros(out, n_groups, device=W.device)
         if cfg.group_size == -1:  # one group per row: fit once on the whole row, as the reference does
             scales[:, 0], zeros[:, 0] = fit_scale_zero(W, cfg)
-    codes = torch.zeros(out, n, dtype=torch.uint8)
+    codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         _quantize_block(W, U, i1, i2, perm, cfg, static is not None, scales, zeros, codes, importance)

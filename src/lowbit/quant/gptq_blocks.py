@@ -54,8 +54,8 @@ class FactoredHessian:
 def factor_hessian(stats: object, n_in: int, name: str, gptq: GPTQConfig) -> FactoredHessian:
     H = _hessian_of(stats, n_in, name).clone()
     dead = torch.diagonal(H) == 0
-    _handle_dead_columns(H, torch.zeros(0, n_in))
-    diag = torch.diagonal(H).float().numpy().copy()
+    _handle_dead_columns(H, torch.zeros(0, n_in, device=H.device))
+    diag = torch.diagonal(H).float().cpu().numpy().copy()
     perm = _column_order(H, gptq.act_order)
     H = H[perm][:, perm]
     return FactoredHessian(_inverse_cholesky_upper(H, gptq, name), perm, dead, diag)
@@ -65,30 +65,30 @@ def quantize_block_gptq(weight: torch.Tensor, fh: FactoredHessian, btype: BlockT
                         importance: np.ndarray | None = None, gptq: GPTQConfig = GPTQConfig()) -> BlockResult:
     """GPTQ one [out, in] weight onto `btype`; `importance` (an imatrix row) overrides diag(H) for the fits."""
     W = weight.detach().to(torch.float32).clone()
-    W[:, fh.dead] = 0.0
+    W[:, fh.dead.to(W.device)] = 0.0
     imp = fh.diag if importance is None else np.asarray(importance, dtype=np.float32)
     n = W.shape[1]
-    static = btype.fit(W.numpy(), imp) if gptq.act_order else None
-    W = W[:, fh.perm].contiguous()
+    static = btype.fit(W.cpu().numpy(), imp) if gptq.act_order else None
+    W = W[:, fh.perm.to(W.device)].contiguous()
     lazy = max(btype.block, (gptq.block_size // btype.block) * btype.block)
     with single_thread():
-        codes, params = _column_loop(W, fh.U, fh.perm, btype, imp, lazy, static)
-    inv = torch.argsort(fh.perm)
-    codes = codes[:, inv].numpy()
+        codes, params = _column_loop(W, fh.U.to(W.device), fh.perm.cpu(), btype, imp, lazy, static)
+    inv = torch.argsort(fh.perm.cpu())
+    codes = codes.cpu()[:, inv].numpy()
     raw = btype.pack(params, codes)
-    return BlockResult(btype.name, raw, torch.from_numpy(btype.dequantize(raw, n)))
+    return BlockResult(btype.name, raw, torch.from_numpy(btype.dequantize(raw, n)).to(weight.device))
 
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, btype: BlockType, importance: np.ndarray,
                  lazy: int, static: dict | None) -> tuple[torch.Tensor, dict]:
     """Quantize W's (visit-ordered) columns in place; returns codes (visit order) and the block params."""
     out, n = W.shape
-    codes = torch.zeros(out, n, dtype=torch.uint8)
+    codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)
     fitted: list[dict] = []
     scale = bias = None
     if static is not None:
         s, b = btype.effective(static)
-        scale, bias = torch.from_numpy(s), torch.from_numpy(b)
+        scale, bias = torch.from_numpy(s).to(W.device), torch.from_numpy(b).to(W.device)
     for i1 in range(0, n, lazy):
         i2 = min(i1 + lazy, n)
         W1 = W[:, i1:i2].clone()
@@ -99,10 +99,10 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, btype: Bl
             if static is None and col % btype.block == 0:
                 # The whole block lies inside this lazy batch (lazy is a multiple of the block), so
                 # W1 holds its columns with every correction applied so far.
-                p = btype.fit(W1[:, i:i + btype.block].numpy(), importance[col:col + btype.block])
+                p = btype.fit(W1[:, i:i + btype.block].cpu().numpy(), importance[col:col + btype.block])
                 fitted.append(p)
                 s, b = btype.effective(p)
-                scale, bias = torch.from_numpy(s), torch.from_numpy(b)
+                scale, bias = torch.from_numpy(s).to(W.device), torch.from_numpy(b).to(W.device)
             j = int(perm[col]) if static is not None else col % btype.block
             sub = j // btype.sub
             w = W1[:, i]

@@ -169,7 +169,7 @@ def fit_scale_zero_mse(w: torch.Tensor, cfg: GridConfig, importance: torch.Tenso
     importance-weighted squared rounding error (importance: one weight per element of the
     last dim, e.g. diag of the Hessian; None means plain MSE). Ratio 1.0 is min/max.
     """
-    imp = torch.ones(w.shape[-1]) if importance is None else importance.float()
+    imp = torch.ones(w.shape[-1], device=w.device) if importance is None else importance.float()
     best_s, best_z = fit_scale_zero(w, cfg)
     best_err = ((w - decode(encode(w, best_s, best_z, cfg), best_s, best_z)).pow(2) * imp).sum(-1)
     for r in ratios[1:]:

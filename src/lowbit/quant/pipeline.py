@@ -39,6 +39,7 @@ from lowbit.quant.grid import GridConfig, QuantizedTensor, quantize_rtn
 from lowbit.quant.methods import METHODS, Method, QuantConfig
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
 from lowbit.report.progress import info, progress
+from lowbit.runtime import Placement, placement, to_cpu
 
 LINEAR_SHORTS = tuple(short for short, _ in LINEARS)
 FORWARD_BATCH = 8
@@ -73,15 +74,23 @@ class QuantStats:
 # ---------------------------------------------------------------- one layer
 
 
+def gather_stats(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope, stats: LayerStats,
+                 where: Placement = Placement()) -> LayerStats:
+    """Run the layer over every calibration batch (on `where`'s device) with `stats` hooked in."""
+    for sl in batches(x.shape[0], FORWARD_BATCH):
+        decoder_layer(where.compute(x[sl]), w, spec, rope, hook=stats)
+    return stats
+
+
 def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor | None, qcfg: QuantConfig,
-                   spec: ModelSpec, rope, names: dict[str, str]) -> dict[str, QuantizedTensor]:
+                   spec: ModelSpec, rope, names: dict[str, str],
+                   where: Placement = Placement()) -> dict[str, QuantizedTensor]:
     """Quantize one decoder layer's linears; `w` is updated in place (AWQ rewrites norms and producers)."""
     stats = None
     if method.needs_calibration:
         assert x is not None
-        stats = LayerStats(hessian=method.hessian, activations=method.activations)
-        for sl in batches(x.shape[0], FORWARD_BATCH):
-            decoder_layer(x[sl], w, spec, rope, hook=stats)
+        stats = gather_stats(x, w, spec, rope, LayerStats(method.hessian, method.activations, where.stats_dtype),
+                             where)
     if method.smooth:
         method.smooth(w, stats, qcfg.grid, spec)
     if method.joint and stats is not None:
@@ -108,11 +117,11 @@ def _quantize_jointly(method: Method, w: dict[str, torch.Tensor], stats: LayerSt
 
 
 def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], deq: dict[str, torch.Tensor], spec: ModelSpec,
-              rope) -> torch.Tensor:
+              rope, where: Placement = Placement()) -> torch.Tensor:
     """The next layer's inputs: this layer run with its linears replaced by their dequantized weights."""
     full = {**w, **deq}
     for sl in batches(x.shape[0], FORWARD_BATCH):
-        x[sl] = decoder_layer(x[sl], full, spec, rope)
+        x[sl] = where.home(decoder_layer(where.compute(x[sl]), full, spec, rope), x)
     return x
 
 
@@ -198,7 +207,7 @@ LayerStep = Callable[[int, dict, "torch.Tensor | None", object, dict],
 
 
 def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: CalibSet | None, step: LayerStep,
-                   after_layer: Callable[[int], None] | None = None) -> None:
+                   after_layer: Callable[[int], None] | None = None, where: Placement = Placement()) -> None:
     """Drive `step` over the layers from the first one `state` lacks, persisting each result.
 
     With calibration, layer i's inputs are the calibration tokens run through layers < i
@@ -209,20 +218,22 @@ def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: Ca
         info(f"resuming {label} after layer {state.done - 1} from {state.dir}")
     x = rope = None
     if calib is not None:
-        rope = build_rope(folder.config, spec, calib.tokens.shape[1])
+        rope = where.rope(build_rope(folder.config, spec, calib.tokens.shape[1]))
         x = state.load_activations()
         if x is None:
             x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+        x = where.activations(x)
     with torch.inference_mode(), progress(f"quantize {label}", spec.num_layers) as advance:
         for _ in range(state.done):
             advance()
         for i in range(state.done, spec.num_layers):
-            w = layer_weights(folder.get, spec, i)
+            w = where.weights(layer_weights(folder.get, spec, i))
             names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
             deq, saved = step(i, w, x, rope, names)
             if x is not None:
-                x = propagate(x, w, deq, spec, rope)
-            state.save_tensors(i, saved, x)
+                x = propagate(x, w, deq, spec, rope, where)
+            state.save_tensors(i, to_cpu(saved), None if x is None else x.cpu())
+            del w, deq, saved
             if after_layer:
                 after_layer(i)
             advance()
@@ -231,8 +242,12 @@ def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: Ca
 
 def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite: bool = False,
                         calib: CalibSet | None = None,
-                        after_layer: Callable[[int], None] | None = None) -> QuantStats:
-    """Write a lowbit checkpoint of `model_dir` quantized with `qcfg` to `out` (atomically, resumably)."""
+                        after_layer: Callable[[int], None] | None = None,
+                        device: str | None = None, offload_activations: bool = False) -> QuantStats:
+    """Write a lowbit checkpoint of `model_dir` quantized with `qcfg` to `out` (atomically, resumably).
+
+    `device` (cpu, cuda, cuda:N, mps, auto) is where each layer is quantized (lowbit.runtime.Placement)."""
+    where = placement(device, offload_activations)
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
     method = METHODS[qcfg.method]
@@ -243,10 +258,10 @@ def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite
     state = PartialRun(out, run_key(model_dir, qcfg, calib if method.needs_calibration else None))
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
-        qts = quantize_block(method, w, x, qcfg, spec, rope, names)
+        qts = quantize_block(method, w, x, qcfg, spec, rope, names, where)
         return {short: qt.dequantize() for short, qt in qts.items()}, PartialRun.flatten(qts, w)
 
-    run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer)
+    run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer, where)
     stats = _assemble(folder, qcfg, out, state, calib if method.needs_calibration else None)
     state.remove()
     stats.seconds = time.perf_counter() - t0

@@ -5,7 +5,8 @@ attention norm's output, gate/up read the MLP norm's output. So a layer has
 four input groups, keyed by their first member, and each statistic is
 computed once per group:
   * sum of x^2 per input column and a token count (the importance matrix);
-  * the Hessian 2/n * X^T X in float64 (GPTQ), when asked for;
+  * the Hessian 2/n * X^T X (GPTQ), when asked for;
+in float64 on the CPU, float32 on a GPU.
   * mean |x| per column (AWQ), when asked for.
 """
 
@@ -40,7 +41,8 @@ class GroupStats:
 class LayerStats:
     """Hook target for decoder_layer: accumulates what the method asked for, per input group."""
 
-    def __init__(self, hessian: bool = False, activations: bool = False):
+    def __init__(self, hessian: bool = False, activations: bool = False, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype  # float64 on the CPU; float32 on a GPU (lowbit.runtime.Placement.stats_dtype)
         self.want_hessian = hessian
         self.want_activations = activations
         self.groups: dict[str, GroupStats] = {g: GroupStats() for g in INPUT_GROUPS}
@@ -50,7 +52,7 @@ class LayerStats:
             return
         rows = x.reshape(-1, x.shape[-1])
         g = self.groups[short]
-        x64 = rows.double()
+        x64 = rows.to(self.dtype)
         n_old, n_new = g.count, rows.shape[0]
         g.sumsq = _add(g.sumsq, x64.pow(2).sum(0))
         if self.want_hessian:
