@@ -111,23 +111,34 @@ def family(name: str) -> Family:
     raise KeyError(name)
 
 
-def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_weights(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Weights of the config's shapes, float16, std 0.02 (norms near 1, biases small)."""
+    out: dict[str, torch.Tensor] = {}
+    for part in random_weight_parts(cfg, seed, dtype):
+        out.update(part)
+    return out
+
+
+def random_weight_parts(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float16):
+    """random_weights one piece at a time (the non-layer tensors, then each layer), so a model larger
+    than RAM can be written shard by shard."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).half()
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
 
     def norm(n: int) -> torch.Tensor:
-        return (1.0 + torch.randn(n, generator=g) * 0.1).half()
+        return (1.0 + torch.randn(n, generator=g) * 0.1).to(dtype)
 
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    out = {"model.embed_tokens.weight": rnd(v, h, std=0.5), "model.norm.weight": norm(h)}
+    head = {"model.embed_tokens.weight": rnd(v, h, std=0.5), "model.norm.weight": norm(h)}
     if not cfg.get("tie_word_embeddings"):
-        out["lm_head.weight"] = rnd(v, h)
+        head["lm_head.weight"] = rnd(v, h)
+    yield head
     for i in range(cfg["num_hidden_layers"]):
+        out: dict[str, torch.Tensor] = {}
         p = f"model.layers.{i}."
         out.update({p + "input_layernorm.weight": norm(h), p + "post_attention_layernorm.weight": norm(h),
                     p + "self_attn.q_proj.weight": rnd(nq, h), p + "self_attn.k_proj.weight": rnd(nkv, h),
@@ -140,7 +151,7 @@ def random_weights(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         if cfg["model_type"] == "qwen3":
             out[p + "self_attn.q_norm.weight"] = norm(hd)
             out[p + "self_attn.k_norm.weight"] = norm(hd)
-    return out
+        yield out
 
 
 def _add_bos_post_processor(path: Path, bos: str, bos_id: int) -> None:
@@ -155,11 +166,18 @@ def _add_bos_post_processor(path: Path, bos: str, bos_id: int) -> None:
     path.write_text(json.dumps(tj, ensure_ascii=False))
 
 
-def build_family_model(name: str, out: Path, seed: int = 0) -> Path:
-    """Write the family's model folder at `out` (config, real tokenizer files, float16 safetensors)."""
+def build_family_model(name: str, out: Path, seed: int = 0, overrides: dict | None = None,
+                       dtype: torch.dtype = torch.float16, shard_bytes: int | None = None) -> Path:
+    """Write the family's model folder at `out` (config, real tokenizer files, float16 safetensors).
+
+    `overrides` change the config (a real model's shape); with `shard_bytes` the weights are drawn
+    and written a layer at a time into shards of about that size plus an index, as the hub's large
+    checkpoints are, never holding more than one shard."""
     from safetensors.torch import save_file
 
     fam = family(name)
+    fam.config.update(overrides or {})
+    fam.config["torch_dtype"] = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(fam.config, indent=2))
     for dst, src in fam.files.items():
@@ -170,5 +188,28 @@ def build_family_model(name: str, out: Path, seed: int = 0) -> Path:
         (out / "tokenizer_config.json").write_text(json.dumps(fam.tokenizer_config, indent=2))
     gen = {k: fam.config[k] for k in ("bos_token_id", "eos_token_id") if k in fam.config}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    save_file(random_weights(fam.config, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if shard_bytes is None:
+        save_file(random_weights(fam.config, seed, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    weight_map, names, size = {}, [], 0
+
+    def flush() -> None:
+        k = len(names) + 1
+        fname = f"model-{k:05d}.safetensors"
+        save_file(shards[0], str(out / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shards[0]})
+        names.append(fname)
+        shards[0] = {}
+
+    for part in random_weight_parts(fam.config, seed, dtype):
+        part_bytes = sum(t.numel() * t.element_size() for t in part.values())
+        if shards[0] and sum(t.numel() * t.element_size() for t in shards[0].values()) + part_bytes > shard_bytes:
+            flush()
+        shards[0].update(part)
+        size += part_bytes
+        del part
+    flush()
+    index = {"metadata": {"total_size": size}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -30,7 +30,7 @@ def compute_imatrix(model_dir: Path, calib: CalibSet, device: str | None = None,
     folder = ModelFolder(model_dir)
     spec = folder.spec
     rope = where.rope(build_rope(folder.config, spec, calib.tokens.shape[1]))
-    x = where.activations(torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed)))
+    x = where.activations(folder.embed_tokens(calib.tokens))
     out: Imatrix = {}
     with progress("imatrix", spec.num_layers) as advance:
         for i in range(spec.num_layers):

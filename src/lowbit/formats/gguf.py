@@ -449,7 +449,12 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
 def _file_array(data: Any, qtype: str, hf_name: str, arch: Arch, spec: Any) -> np.ndarray:
     """One tensor as the bytes the file holds: permuted q/k rows, F16 for 2-D F16 tensors, else F32."""
     quantized = qtype not in ("F32", "F16")
-    arr = np.asarray(data, dtype=np.uint8) if quantized else data.float().numpy()
+    if quantized:
+        arr = np.asarray(data, dtype=np.uint8)
+    elif qtype == "F16" and data.dim() == 2 and data.dtype == torch.float16:
+        arr = data.numpy()  # already rounded (as astype would: both round to nearest even)
+    else:
+        arr = data.float().numpy()
     if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         arr = permute_qk(arr, spec.num_heads)
     elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -33,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.atomic import atomic_dir, check_writable_target
 from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
-from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
+from lowbit.formats.safetensors_io import SHARD_BYTES, ShardedWriter, TensorStore
 from lowbit.model.arch import LINEARS, arch_for
 from lowbit.model.forward import StoredWeights
 from lowbit.model.hf import expected_tensor_names, spec_from_config
@@ -257,7 +257,7 @@ def checkpoint_infos(ck: LowbitCheckpoint) -> list[TensorInfo]:
 
 
 def export_checkpoint(checkpoint: Path, fmt_name: str, out: Path, overwrite: bool = False,
-                      measurement: dict[str, Any] | None = None, max_shard_bytes: int = 2 << 30) -> Path:
+                      measurement: dict[str, Any] | None = None, max_shard_bytes: int = SHARD_BYTES) -> Path:
     """Write lowbit checkpoint `checkpoint` as an HF folder in format `fmt_name` at `out` (atomically)."""
     fmt = get_format(fmt_name)
     ck = LowbitCheckpoint(checkpoint)

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
@@ -64,20 +63,34 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
 class TensorStore:
-    """Name -> tensor over a folder's shards, read one tensor at a time."""
+    """Name -> tensor over a folder's shards, read one tensor (or a range of its rows) at a time.
+
+    Tensors are read with plain positioned reads into fresh memory, not through a memory map: a
+    mapped shard's touched pages stay resident (and count in RSS) until the kernel needs them, so
+    walking a 28 GB model through mmap looks like, and under cgroup limits behaves like, holding it.
+    """
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.files: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self._offsets: dict[str, tuple[int, int]] = {}
         for shard in shard_files(folder):
-            for name, info in read_safetensors_header(shard).items():
+            header = read_safetensors_header(shard)
+            base = 8 + _header_len(shard)
+            for name, info in header.items():
                 self.files[name] = shard
                 self.dtypes[name] = info["dtype"]
                 self.shapes[name] = tuple(info["shape"])
-        self._handles: dict[Path, Any] = {}
+                start, end = info["data_offsets"]
+                self._offsets[name] = (base + int(start), base + int(end))
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -87,13 +100,37 @@ class TensorStore:
 
     def raw(self, name: str) -> torch.Tensor:
         """The tensor exactly as stored."""
+        return self._read(name, 0, None).reshape(self.shapes[name])
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor as stored (row-major, so one contiguous read)."""
+        shape = self.shapes[name] if name in self.files else ()
+        row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        t = self._read(name, start * row, (stop - start) * row)
+        return t.reshape((stop - start, *shape[1:]) if shape else ())
+
+    def _read(self, name: str, first: int, count: int | None) -> torch.Tensor:
         if name not in self.files:
             raise LowbitError(f"{self.folder}: tensor {name} not found in the safetensors files")
-        shard = self.files[name]
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(shard), framework="pt")
-        return handle.get_tensor(name)
+        dtype = DTYPES.get(self.dtypes[name])
+        if dtype is None:
+            raise LowbitError(f"{self.files[name]}: tensor {name} has dtype {self.dtypes[name]}, which lowbit "
+                              "does not read")
+        item = torch.empty((), dtype=dtype).element_size()
+        begin, end = self._offsets[name]
+        count = (end - begin) // item if count is None else count
+        buf = torch.empty(count, dtype=dtype)
+        if count:
+            with self.files[name].open("rb", buffering=0) as fh:
+                fh.seek(begin + first * item)
+                view = memoryview(buf.view(torch.uint8).numpy())
+                got = 0
+                while got < len(view):
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        raise LowbitError(f"{self.files[name]}: file ended inside tensor {name}; re-download it")
+                    got += n
+        return buf
 
     def get(self, name: str) -> torch.Tensor:
         """Floating tensors as float32, integer ones unchanged."""
@@ -101,10 +138,20 @@ class TensorStore:
         return t.float() if t.is_floating_point() else t
 
 
+def _header_len(path: Path) -> int:
+    with path.open("rb") as fh:
+        return struct.unpack("<Q", fh.read(8))[0]
+
+
+# At most this much output is buffered before a shard is written: well inside the 1.5 GiB a run may
+# use beyond its largest layer and its activations, so a model of any size exports in bounded memory.
+SHARD_BYTES = 512 << 20
+
+
 class ShardedWriter:
     """Buffer tensors and write them as model.safetensors or model-0000k-of-0000N shards plus an index."""
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30, metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, max_shard_bytes: int = SHARD_BYTES, metadata: dict[str, str] | None = None):
         self.folder = folder
         self.max_shard_bytes = max_shard_bytes
         self.metadata = metadata or {"format": "pt"}

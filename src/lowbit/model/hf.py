@@ -9,6 +9,7 @@ file's name, not later with a cryptic deserialisation error.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -122,6 +123,19 @@ class ModelFolder:
     def get(self, name: str) -> torch.Tensor:
         """One tensor as float32, read from disk on demand."""
         return self.store.get(name)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of `tokens` as float32, without a float32 copy of the whole table (2 GB at 8B)."""
+        table = self.store.raw(self.arch.embed)
+        return table[tokens].float()
+
+    def row_chunks(self, name: str, max_elements: int = 1 << 26):
+        """(start, float32 rows) of a tensor in chunks of about `max_elements`, for tensors (an 8B's
+        embedding or head) whose float32 copy alone would be larger than a decoder layer."""
+        shape = self.store.shapes[name]
+        step = max(1, max_elements // max(1, int(math.prod(shape[1:]))))
+        for start in range(0, shape[0], step):
+            yield start, self.store.rows(name, start, min(shape[0], start + step)).float()
 
     def lm_head_name(self) -> str:
         return self.arch.embed if self.spec.tie_word_embeddings else self.arch.lm_head

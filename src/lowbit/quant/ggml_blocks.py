@@ -364,6 +364,9 @@ def unpack_q3_scales(b: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the block types
 
 
+CHUNK_ELEMENTS = 1 << 16  # weights per row chunk of quantize/dequantize (see BlockType.quantize)
+
+
 class BlockType:
     """One ggml block quantization type; see the module docstring for the conventions."""
 
@@ -455,12 +458,34 @@ class BlockType:
                 codes.astype(np.uint8).reshape(rows, n))
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """llama.cpp's bytes for w: pack(p, codes(w, p)) with p = fit(w, importance)."""
+        """llama.cpp's bytes for w: pack(p, codes(w, p)) with p = fit(w, importance).
+
+        Rows are independent, so a large tensor goes through in row chunks of about CHUNK_ELEMENTS:
+        the search's temporaries (a few dozen arrays the chunk's size) then stay in cache instead of
+        streaming through RAM, and never grow with the tensor."""
+        w = np.asarray(w, dtype=F32)
+        rows = w.shape[0] if w.ndim == 2 else 0
+        step = max(1, CHUNK_ELEMENTS // max(1, w.shape[-1])) if w.ndim == 2 else 0
+        if rows <= step or not rows:
+            return self._quantize_rows(w, importance)
+        out = np.empty((rows, (w.shape[1] // self.block) * self.bytes_per_block), np.uint8)
+        for start in range(0, rows, step):
+            out[start:start + step] = self._quantize_rows(w[start:start + step], importance)
+        return out
+
+    def _quantize_rows(self, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
         params = self.fit(w, importance)
         return self.pack(params, self.codes(w, params))
 
     def dequantize(self, raw: np.ndarray, n: int) -> np.ndarray:
         """float32 [rows, n], bit-identical to gguf.quants.dequantize."""
+        raw = np.asarray(raw, dtype=np.uint8)
+        step = max(1, CHUNK_ELEMENTS // max(1, n))
+        if raw.ndim == 2 and raw.shape[0] > step:
+            return np.concatenate([self._dequantize_rows(raw[i:i + step], n) for i in range(0, raw.shape[0], step)])
+        return self._dequantize_rows(raw, n)
+
+    def _dequantize_rows(self, raw: np.ndarray, n: int) -> np.ndarray:
         params, codes = self.unpack(raw, n)
         scale, bias = self.effective(params)
         rows = codes.shape[0]

@@ -304,9 +304,7 @@ def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, 
                 t = layer_cache[i]
                 data = t[f"{short}.raw"].numpy() if f"{short}.raw" in t else t[short]
             else:
-                data = folder.get(name)
-                if qtype not in FLOAT_TYPES:
-                    data, _ = rtn_tensor(data, qtype, None)  # embedding / head: no imatrix, as in llama.cpp
+                data = _whole_tensor(folder, name, qtype)
             numel = int(np.prod(folder.shape(name)))
             nbytes = data.nbytes if isinstance(data, np.ndarray) else numel * (2 if qtype == "F16" else 4)
             stats.add(qtype, numel, nbytes, linear=name in short_of and short_of[name][1] in linear_shorts)
@@ -315,6 +313,22 @@ def _write(folder: ModelFolder, gcfg: GGUFConfig, out: Path, state: PartialRun, 
     write_gguf(out, folder.config, tensors, vocab, name=Path(folder.path).name,
                file_type=FILE_TYPES[gcfg.file_type][1], model_dir=Path(folder.path), plan=tensor_plan(folder, types))
     return stats
+
+
+def _whole_tensor(folder: ModelFolder, name: str, qtype: str):
+    """A tensor outside the decoder layers (embedding, head, final norm) in its file type, quantized in
+    row chunks so the 8B embedding never exists in float32 at once. No imatrix, as in llama.cpp."""
+    if len(folder.shape(name)) < 2:
+        return folder.get(name)
+    parts = []
+    for _, rows in folder.row_chunks(name):
+        if qtype in FLOAT_TYPES:
+            parts.append(rows.half() if qtype == "F16" else rows)
+        else:
+            parts.append(torch.from_numpy(block_type(qtype).quantize(rows.numpy(), None)))
+        del rows
+    data = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return data.numpy() if qtype not in FLOAT_TYPES else data
 
 
 def _write_modelfile(out: Path, chat_template: str | None) -> Path:

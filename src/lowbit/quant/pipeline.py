@@ -221,7 +221,7 @@ def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: Ca
         rope = where.rope(build_rope(folder.config, spec, calib.tokens.shape[1]))
         x = state.load_activations()
         if x is None:
-            x = torch.nn.functional.embedding(calib.tokens, folder.get(spec.arch.embed))
+            x = folder.embed_tokens(calib.tokens)
         x = where.activations(x)
     with torch.inference_mode(), progress(f"quantize {label}", spec.num_layers) as advance:
         for _ in range(state.done):
