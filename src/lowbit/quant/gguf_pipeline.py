@@ -49,6 +49,7 @@ from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
 from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.quant.workers import run_jobs
 from lowbit.runtime import Placement, placement
 
 GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
@@ -185,10 +186,8 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     if gcfg.smooths:
         fakes = {s: _fake_block(types[names[s]]) for s, _ in LINEARS}
         awq.smooth_block(w, stats, AWQ_NORM_GRID, spec, fakes=fakes)
-    raws: dict[str, np.ndarray] = {}
-    deq: dict[str, torch.Tensor] = {}
+    rtn_jobs, gptq_jobs = [], []
     for lead, members in INPUT_GROUPS.items():
-        fh = None
         gptq_sets: dict[tuple, list[str]] = {}
         imps = {}
         for m in members:
@@ -199,29 +198,91 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
                 key = (qtype, None if imps[m] is None else np.ascontiguousarray(imps[m], np.float32).tobytes())
                 gptq_sets.setdefault(key, []).append(m)
                 continue
-            raw, deq[m] = rtn_tensor(w[m], qtype, imps[m])
-            if raw is not None:
-                raws[m] = raw
-        for (qtype, _), ms in gptq_sets.items():
-            if fh is None:  # one factorization per input group, shared by its linears
-                fh = factor_hessian(stats.for_linear(lead).hessian, w[ms[0]].shape[1], names[ms[0]], _gptq_cfg(gcfg))
-            _gptq_stacked(w, ms, fh, qtype, imps[ms[0]], gcfg, raws, deq)
+            rtn_jobs.append((m, qtype, imps[m]))
+        if gptq_sets:  # one factorization per input group, shared by its linears
+            gptq_jobs.append((lead, [(qtype, imps[ms[0]], ms) for (qtype, _), ms in gptq_sets.items()]))
+    want_deq = x is not None
+    raws: dict[str, np.ndarray] = {}
+    deq: dict[str, torch.Tensor] = {}
+    if where.on_cpu:  # every job in a worker process (lowbit.quant.workers)
+        results = _rtn_in_workers(w, rtn_jobs, want_deq)
+        results += run_jobs(_gptq_job, [(stats.for_linear(lead).hessian.numpy(), [
+            (qtype, imp, [w[m].numpy() for m in ms]) for qtype, imp, ms in sets], names[sets[0][2][0]],
+            gcfg.to_dict()) for lead, sets in gptq_jobs],
+            [sum(w[m].numel() for _, _, ms in sets for m in ms) for _, sets in gptq_jobs])
+    else:  # on a GPU the solves run in this process, on the device
+        results = [_rtn_job(w[m], qtype, imp, want_deq) for m, qtype, imp in rtn_jobs]
+        results += [_gptq_job(stats.for_linear(lead).hessian, [(qtype, imp, [w[m] for m in ms]) for qtype, imp, ms
+                                                                in sets], names[sets[0][2][0]], gcfg.to_dict())
+                    for lead, sets in gptq_jobs]
+    members = [m for m, _, _ in rtn_jobs] + [m for _, sets in gptq_jobs for _, _, ms in sets for m in ms]
+    flat = [r for r in results[:len(rtn_jobs)]] + [r for group in results[len(rtn_jobs):] for r in group]
+    for m, (raw, d) in zip(members, flat):
+        if raw is not None:
+            raws[m] = raw
+        if d is not None:
+            deq[m] = _as_tensor(d, w[m].device)
     return raws, deq
 
 
-def _gptq_stacked(w: dict[str, torch.Tensor], members: list[str], fh, qtype: str, imp, gcfg: GGUFConfig,
-                  raws: dict, deq: dict) -> None:
-    """GPTQ the linears that share an input, a block type and an importance as one stacked matrix.
+RTN_JOB_ELEMENTS = 1 << 20  # weights per worker job: rows are independent, so tensors split evenly
 
-    Rows are independent in GPTQ given H, and in every ggml block fit, so this is exactly the
-    per-linear result, with one Python column loop instead of up to three."""
-    stacked = torch.cat([w[m] for m in members]) if len(members) > 1 else w[members[0]]
-    res = quantize_block_gptq(stacked, fh, block_type(qtype), imp, _gptq_cfg(gcfg))
-    start = 0
-    for m in members:
-        rows = w[m].shape[0]
-        raws[m], deq[m] = res.raw[start:start + rows], res.dequantized[start:start + rows]
-        start += rows
+
+def _rtn_in_workers(w: dict[str, torch.Tensor], jobs: list, want_deq: bool) -> list:
+    """_rtn_job over row chunks of every tensor, so the workers stay evenly loaded within a layer."""
+    pieces, owner = [], []
+    for k, (m, qtype, imp) in enumerate(jobs):
+        rows, cols = w[m].shape
+        step = rows if qtype in FLOAT_TYPES else max(1, RTN_JOB_ELEMENTS // cols)
+        for start in range(0, rows, step):
+            pieces.append((w[m][start:start + step].numpy(), qtype, imp, want_deq))
+            owner.append(k)
+    done = run_jobs(_rtn_job, pieces, [p[0].size for p in pieces])
+    out = []
+    for k in range(len(jobs)):
+        parts = [done[i] for i in range(len(pieces)) if owner[i] == k]
+        raw = None if parts[0][0] is None else np.concatenate([p[0] for p in parts])
+        d = None if parts[0][1] is None else np.concatenate([p[1] for p in parts])
+        out.append((raw, d))
+    return out
+
+
+def _as_tensor(a, device: torch.device) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(a).to(device)
+
+
+def _rtn_job(weight, qtype: str, imp, want_deq: bool):
+    """(raw rows or None, dequantized weight or None) of one tensor by llama.cpp's own block search."""
+    t = _as_tensor(weight, torch.device("cpu"))
+    raw, d = rtn_tensor(t, qtype, imp)
+    if not want_deq:
+        return raw, None
+    return raw, d if isinstance(weight, torch.Tensor) else d.numpy()
+
+
+def _gptq_job(hessian, sets: list, name: str, gcfg_dict: dict) -> list:
+    """GPTQ of one input group: factor its Hessian once, then each set of linears that share a block
+    type and an importance as one stacked matrix (rows are independent given H, and in every ggml
+    block fit, so this is exactly the per-linear result, with one column loop instead of three).
+    Returns (raw, dequantized) per linear in the sets' order."""
+    gcfg = GGUFConfig(**{**gcfg_dict, "tensor_types": tuple(gcfg_dict["tensor_types"])})
+    on_numpy = not isinstance(hessian, torch.Tensor)
+    H = torch.from_numpy(hessian) if on_numpy else hessian
+    out = []
+    fh = None
+    for qtype, imp, weights in sets:
+        ws = [torch.from_numpy(a) for a in weights] if on_numpy else weights
+        if fh is None:
+            fh = factor_hessian(H, ws[0].shape[1], name, _gptq_cfg(gcfg))
+        stacked = torch.cat(ws) if len(ws) > 1 else ws[0]
+        res = quantize_block_gptq(stacked, fh, block_type(qtype), imp, _gptq_cfg(gcfg))
+        start = 0
+        for wi in ws:
+            rows = wi.shape[0]
+            d = res.dequantized[start:start + rows]
+            out.append((res.raw[start:start + rows], d.numpy() if on_numpy else d))
+            start += rows
+    return out
 
 
 def _gptq_cfg(gcfg: GGUFConfig) -> GPTQConfig:
@@ -320,15 +381,14 @@ def _whole_tensor(folder: ModelFolder, name: str, qtype: str):
     row chunks so the 8B embedding never exists in float32 at once. No imatrix, as in llama.cpp."""
     if len(folder.shape(name)) < 2:
         return folder.get(name)
-    parts = []
-    for _, rows in folder.row_chunks(name):
-        if qtype in FLOAT_TYPES:
-            parts.append(rows.half() if qtype == "F16" else rows)
-        else:
-            parts.append(torch.from_numpy(block_type(qtype).quantize(rows.numpy(), None)))
+    if qtype in FLOAT_TYPES:
+        parts = [rows.half() if qtype == "F16" else rows for _, rows in folder.row_chunks(name)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+    raws = []
+    for _, rows in folder.row_chunks(name):  # ~64M weights at a time, split again over the workers
+        raws += [r for r, _ in _rtn_in_workers({"t": rows}, [("t", qtype, None)], want_deq=False)]
         del rows
-    data = torch.cat(parts) if len(parts) > 1 else parts[0]
-    return data.numpy() if qtype not in FLOAT_TYPES else data
+    return np.concatenate(raws) if len(raws) > 1 else raws[0]
 
 
 def _write_modelfile(out: Path, chat_template: str | None) -> Path:
