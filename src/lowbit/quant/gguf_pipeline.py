@@ -182,7 +182,9 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     stats = None
     if gcfg.method != "rtn":
         assert x is not None
-        stats = gather_stats(x, w, spec, rope, LayerStats(True, gcfg.smooths, where.stats_dtype), where)
+        # float32 products: measured KLD 0.01922 vs 0.01925 with float64 ones (Q4_K_M gptq, README: Scale)
+        stats = gather_stats(x, w, spec, rope, LayerStats(True, gcfg.smooths, where.stats_dtype, sums=gcfg.smooths,
+                                                          product_dtype=torch.float32), where)
     if gcfg.smooths:
         fakes = {s: _fake_block(types[names[s]]) for s, _ in LINEARS}
         awq.smooth_block(w, stats, AWQ_NORM_GRID, spec, fakes=fakes)
