@@ -111,3 +111,31 @@ def _record() -> None:
 
 if __name__ == "__main__" and "--record" in sys.argv:
     _record()
+
+
+def test_device_names_resolve_or_fail_in_one_line() -> None:
+    from lowbit.errors import LowbitError
+    from lowbit.runtime import placement, resolve_device
+
+    assert resolve_device(None) == torch.device("cpu") == resolve_device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(LowbitError, match=r"--device cuda:1: torch .* sees 0 CUDA GPU\(s\); use --device cpu"):
+            resolve_device("cuda:1")
+    with pytest.raises(LowbitError, match="--device 'tpu': unknown device; choose auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("tpu")
+    with pytest.raises(LowbitError, match="cuda or cuda:N"):
+        resolve_device("cuda:x")
+    where = placement("cpu", offload_activations=True)
+    x = torch.ones(2, 3)
+    assert where.activations(x) is x and where.compute(x) is x  # on the CPU every move is a no-op
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_refuses_a_missing_gpu_before_any_work(tmp_path: Path, capsys) -> None:
+    from lowbit.cli import main
+
+    assert main(["quantize", "--device", "cuda", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit: error: --device cuda: torch (") and "sees 0 CUDA GPU(s); use --device cpu" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ allocations cannot hide in another's high-water mark.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def peak_rss_mib(model: Path, out: Path, job: str) -> float:
     out.mkdir()
-    res = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), job], capture_output=True, text=True)
+    # One process (LOWBIT_WORKERS=1), so its ru_maxrss is the whole run's memory: worker processes
+    # only ever hold one row chunk of one tensor each.
+    res = subprocess.run([sys.executable, "-c", CHILD, str(model), str(out), job], capture_output=True, text=True,
+                         env={**os.environ, "LOWBIT_WORKERS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
     return float(res.stdout.strip().splitlines()[-1])
 
