@@ -49,6 +49,7 @@ from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
 from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.quant import workers
 from lowbit.quant.workers import run_jobs
 from lowbit.runtime import Placement, placement
 
@@ -326,6 +327,8 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
     where = placement(device, offload_activations)
+    if where.on_cpu:
+        workers.prestart()  # fork the block-search workers while nothing large is in memory
     if gcfg.method != "rtn" and calib is None:
         raise LowbitError(f"--method {gcfg.method} needs calibration text; pass --calib-text FILE")
     spec = folder.spec
