@@ -6,7 +6,6 @@ allocations cannot hide in another's high-water mark.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -112,4 +111,3 @@ def test_cli_names_the_cache_for_a_missing_hub_id(tmp_path: Path, monkeypatch, c
     err = capsys.readouterr().err
     assert "org/missing-model" in err and str(tmp_path / "empty") in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-    json.dumps(err)
