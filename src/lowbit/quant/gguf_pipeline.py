@@ -207,19 +207,21 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     want_deq = x is not None
     raws: dict[str, np.ndarray] = {}
     deq: dict[str, torch.Tensor] = {}
-    if where.on_cpu:  # every job in a worker process (lowbit.quant.workers)
-        results = _rtn_in_workers(w, rtn_jobs, want_deq)
-        results += run_jobs(_gptq_job, [(stats.for_linear(lead).hessian.numpy(), [
-            (qtype, imp, [w[m].numpy() for m in ms]) for qtype, imp, ms in sets], names[sets[0][2][0]],
-            gcfg.to_dict()) for lead, sets in gptq_jobs],
-            [sum(w[m].numel() for _, _, ms in sets for m in ms) for _, sets in gptq_jobs])
-    else:  # on a GPU the solves run in this process, on the device
-        results = [_rtn_job(w[m], qtype, imp, want_deq) for m, qtype, imp in rtn_jobs]
-        results += [_gptq_job(stats.for_linear(lead).hessian, [(qtype, imp, [w[m] for m in ms]) for qtype, imp, ms
-                                                                in sets], names[sets[0][2][0]], gcfg.to_dict())
-                    for lead, sets in gptq_jobs]
+    # On the CPU every job goes to a worker process (lowbit.quant.workers) as numpy arrays; on a GPU
+    # the solves run in this process, on the device.
+    ship = (lambda t: t.numpy()) if where.on_cpu else (lambda t: t)
+    gptq_args = [(ship(stats.for_linear(lead).hessian), [(qtype, imp, [ship(w[m]) for m in ms]) for qtype, imp, ms
+                                                         in sets], names[sets[0][2][0]], _gptq_cfg(gcfg))
+                 for lead, sets in gptq_jobs]
+    if where.on_cpu:
+        rtn_results = _rtn_in_workers(w, rtn_jobs, want_deq)
+        gptq_results = run_jobs(_gptq_job, gptq_args,
+                                [sum(w[m].numel() for _, _, ms in sets for m in ms) for _, sets in gptq_jobs])
+    else:
+        rtn_results = [_rtn_job(w[m], qtype, imp, want_deq) for m, qtype, imp in rtn_jobs]
+        gptq_results = [_gptq_job(*args) for args in gptq_args]
     members = [m for m, _, _ in rtn_jobs] + [m for _, sets in gptq_jobs for _, _, ms in sets for m in ms]
-    flat = [r for r in results[:len(rtn_jobs)]] + [r for group in results[len(rtn_jobs):] for r in group]
+    flat = rtn_results + [r for group in gptq_results for r in group]
     for m, (raw, d) in zip(members, flat):
         if raw is not None:
             raws[m] = raw
@@ -263,12 +265,11 @@ def _rtn_job(weight, qtype: str, imp, want_deq: bool):
     return raw, d if isinstance(weight, torch.Tensor) else d.numpy()
 
 
-def _gptq_job(hessian, sets: list, name: str, gcfg_dict: dict) -> list:
+def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
     """GPTQ of one input group: factor its Hessian once, then each set of linears that share a block
     type and an importance as one stacked matrix (rows are independent given H, and in every ggml
     block fit, so this is exactly the per-linear result, with one column loop instead of three).
     Returns (raw, dequantized) per linear in the sets' order."""
-    gcfg = GGUFConfig(**{**gcfg_dict, "tensor_types": tuple(gcfg_dict["tensor_types"])})
     on_numpy = not isinstance(hessian, torch.Tensor)
     H = torch.from_numpy(hessian) if on_numpy else hessian
     out = []
@@ -276,9 +277,9 @@ def _gptq_job(hessian, sets: list, name: str, gcfg_dict: dict) -> list:
     for qtype, imp, weights in sets:
         ws = [torch.from_numpy(a) for a in weights] if on_numpy else weights
         if fh is None:
-            fh = factor_hessian(H, ws[0].shape[1], name, _gptq_cfg(gcfg))
+            fh = factor_hessian(H, ws[0].shape[1], name, gptq)
         stacked = torch.cat(ws) if len(ws) > 1 else ws[0]
-        res = quantize_block_gptq(stacked, fh, block_type(qtype), imp, _gptq_cfg(gcfg))
+        res = quantize_block_gptq(stacked, fh, block_type(qtype), imp, gptq)
         start = 0
         for wi in ws:
             rows = wi.shape[0]
