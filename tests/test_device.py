@@ -3,8 +3,10 @@
 `tests/data/device_golden.json` holds digests of every tensor written by the code as it was before
 `--device` existed (commit named in the file), for RTN, GPTQ and AWQ checkpoints and RTN / GPTQ GGUFs
 of the real model cut to two layers. The device path with device="cpu" must reproduce them byte for
-byte. Float results depend on the CPU's vector ISA, so the comparison runs where torch reports the same
-capability as the machine that recorded them and skips elsewhere (saying so).
+byte. Float results depend on the CPU (torch picks other kernels on other microarchitectures: an AMD EPYC
+and the recording machine, both AVX512, differ in GPTQ/AWQ and imatrix bytes), so the file holds one entry
+per recorded host: torch version, torch's CPU capability and the CPU model name. An entry named "*" serves
+any host not listed by name; with no entry of this torch and capability the test skips, saying so.
 
 Run `python tests/test_device.py --record` to re-record (only when a change of output is intended and
 documented in the README with its measured KLD).
@@ -80,13 +82,35 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("AMD EPYC", ...), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
+def golden_for_host(golden: dict) -> dict | None:
+    """The recorded entry for this host: same torch and capability, this CPU model or else the "*" entry."""
+    same = [h for h in golden["hosts"] if h["torch"] == torch.__version__ and h["cpu_capability"] == cpu_capability()]
+    named = [h for h in same if h["cpu_model"] == cpu_model()]
+    return (named or [h for h in same if h["cpu_model"] == "*"] or [None])[0]
+
+
 def test_cpu_device_path_matches_pre_device_outputs(small_model_dir: Path, tmp_path: Path) -> None:
     golden = json.loads(GOLDEN.read_text())
-    if golden["cpu_capability"] != cpu_capability() or golden["torch"] != torch.__version__:
-        pytest.skip(f"golden digests were recorded with torch {golden['torch']} on {golden['cpu_capability']}, "
-                    f"this is torch {torch.__version__} on {cpu_capability()}")
+    entry = golden_for_host(golden)
+    if entry is None:
+        recorded = ", ".join(f"torch {h['torch']} on {h['cpu_capability']} ({h['cpu_model']})" for h in golden["hosts"])
+        pytest.skip(f"golden digests were recorded with {recorded}; this is torch {torch.__version__} on "
+                    f"{cpu_capability()} ({cpu_model()})")
     got = produce(small_model_dir, tmp_path, device="cpu")
-    assert got == golden["digests"]
+    assert got == entry["digests"]
 
 
 def _record() -> None:
@@ -104,8 +128,12 @@ def _record() -> None:
         fixture.__wrapped__(default_model_dir(), type("F", (), {"mktemp": lambda self, n: cut})())
         digests = produce(cut, Path(tmp))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    GOLDEN.write_text(json.dumps({"commit": commit, "torch": torch.__version__, "cpu_capability": cpu_capability(),
-                                  "digests": digests}, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"hosts": []}
+    entry = {"cpu_model": cpu_model(), "torch": torch.__version__, "cpu_capability": cpu_capability(),
+             "commit": commit, "digests": digests}
+    golden["hosts"] = [entry] + [h for h in golden["hosts"] if (h["cpu_model"], h["torch"], h["cpu_capability"]) !=
+                                 (entry["cpu_model"], entry["torch"], entry["cpu_capability"])]
+    GOLDEN.write_text(json.dumps(golden, indent=2) + "\n")
     print(GOLDEN.read_text())
 
 

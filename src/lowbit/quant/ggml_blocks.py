@@ -304,6 +304,66 @@ def search_positive(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.n
     return np.where(zero, F32(0), scale), np.where(zero, 0, level.astype(np.int32))
 
 
+# ---------------------------------------------------------------- lane-major entry points
+
+# The block types call these with lanes as rows ([N lanes, n], a free reshape of the weights). They run the
+# compiled port (lowbit.quant.native, the same arithmetic, byte-identical) when it can be built on this host,
+# else the numpy reference above on the transposed lanes. LOWBIT_NATIVE=0 forces the reference.
+
+
+def _native():
+    from lowbit.quant import native
+
+    return native if native.available() else None
+
+
+def _cols(a: np.ndarray | None) -> np.ndarray | None:
+    """[N, n] rows of lanes -> the reference's [n, N] layout."""
+    return None if a is None else np.ascontiguousarray(np.asarray(a, dtype=F32).T)
+
+
+def rows_symmetric(x: np.ndarray, nmax: int, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """search_symmetric over rows of lanes: (scale [N], codes [N, n])."""
+    nat = _native()
+    if nat:
+        return nat.search_symmetric(x, nmax, weights)
+    scale, codes = search_symmetric(_cols(x), nmax, _cols(weights))
+    return scale, codes.T
+
+
+def rows_symmetric_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    nat = _native()
+    if nat:
+        return nat.search_symmetric_rmse(x, nmax)
+    scale, codes = search_symmetric_rmse(_cols(x), nmax)
+    return scale, codes.T
+
+
+def rows_affine(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nat = _native()
+    if nat:
+        return nat.search_affine(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+    scale, the_min, codes = search_affine(_cols(x), _cols(weights), nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, codes.T
+
+
+def rows_positive(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nat = _native()
+    if nat:
+        return nat.search_positive(x, nmax, weights)
+    scale, codes = search_positive(_cols(x), nmax, _cols(weights))
+    return scale, codes.T
+
+
+def rows_sum(a: np.ndarray, first: bool = False) -> np.ndarray:
+    """seq_sum of every row of [N, n]: one float32 rounding per addition, in index order."""
+    nat = _native()
+    if nat:
+        return nat.row_sum(a, first)
+    return seq_sum(_cols(a), first)
+
+
 # ---------------------------------------------------------------- bit packing
 
 
@@ -525,14 +585,14 @@ def _neg_zero(like: np.ndarray) -> np.ndarray:
 def _row_sigma2(x: np.ndarray) -> np.ndarray:
     """Legacy imatrix paths: sum of x^2 over each whole row, in order, divided by the row length -> [rows, 1, 1]."""
     rows = x.shape[0]
-    flat = lanes(x.reshape(rows, -1), x.shape[1] * x.shape[2])
-    return (seq_sum(flat * flat) / F32(flat.shape[0])).reshape(rows, 1, 1)
+    flat = x.reshape(rows, -1)
+    return (rows_sum(flat * flat) / F32(flat.shape[1])).reshape(rows, 1, 1)
 
 
 def _block_sum_x2(x: np.ndarray) -> np.ndarray:
     """k-quant imatrix paths: sum of x^2 over each 256-element block, in order -> [rows, nb, 1]."""
-    flat = lanes(x, QK_K)
-    return seq_sum(flat * flat).reshape(*x.shape[:2], 1)
+    flat = x.reshape(-1, QK_K)
+    return rows_sum(flat * flat).reshape(*x.shape[:2], 1)
 
 
 def _imatrix_weights(x: np.ndarray, qw: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
@@ -560,14 +620,14 @@ class _Legacy(BlockType):
         if qw is None or self.bits == 8:
             return self._fit_ref(x)
         weight = _imatrix_weights(x, qw, _row_sigma2(x))
-        xl, wl = lanes(x, 32), lanes(weight, 32)
+        xr, wr = x.reshape(-1, 32), weight.reshape(-1, 32)
         if self.affine:
-            d, the_min, codes = search_affine(xl, wl, self.qmax, -0.9, 0.05, 36, False)
+            d, the_min, codes = rows_affine(xr, wr, self.qmax, -0.9, 0.05, 36, False)
             params = {"d": to_fp16(d), "m": to_fp16(-the_min)}
         else:
-            d, codes = search_symmetric(xl, nmax, wl)
+            d, codes = rows_symmetric(xr, nmax, wr)
             params = {"d": to_fp16(d)}
-        params["search_codes"] = from_lanes(codes, (x.size // 32, 32)).astype(np.uint8)
+        params["search_codes"] = codes.astype(np.uint8)
         return params
 
     def _fit_ref(self, x):
@@ -647,11 +707,12 @@ class _KQuant(BlockType):
     block = QK_K
     requantizes = True
 
-    def _sub_lanes(self, a: np.ndarray) -> np.ndarray:
-        return lanes(a, self.sub)
+    def _sub_rows(self, a: np.ndarray) -> np.ndarray:
+        """[rows, nb, block] -> one row per sub-block [rows * nb * block / sub, sub] (a view)."""
+        return np.asarray(a, dtype=F32).reshape(-1, self.sub)
 
-    def _from_sub_lanes(self, a: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return from_lanes(a, (x.shape[0] * x.shape[1], self.block)).astype(np.uint8)
+    def _block_codes(self, codes: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return codes.reshape(x.shape[0] * x.shape[1], self.block).astype(np.uint8)
 
     def _per_sub(self, v: np.ndarray, x: np.ndarray) -> np.ndarray:
         """Lane vector [N sub-blocks] -> [B, block // sub]."""
@@ -671,12 +732,12 @@ class _AffineK(_KQuant):
         self.layout = (("d", 2), ("dmin", 2), ("scales", 12)) + high + (("qs", 128),)
 
     def _fit(self, x, qw):
-        xl = self._sub_lanes(x)
+        xr = self._sub_rows(x)
         if qw is None:
-            av_x = np.sqrt(seq_sum(xl * xl) / F32(32))
-            weights = av_x + np.abs(xl)
+            av_x = np.sqrt(rows_sum(xr * xr) / F32(32))
+            weights = av_x[:, None] + np.abs(xr)
             rmin, rdelta, nstep = self.ref_search
-            scales, mins, codes = search_affine(xl, weights, self.qmax, rmin, rdelta, nstep, False)
+            scales, mins, codes = rows_affine(xr, weights, self.qmax, rmin, rdelta, nstep, False)
             scales, mins = self._per_sub(scales, x), self._per_sub(mins, x)
             max_scale = np.maximum(scales.max(axis=1), F32(0))
             max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -688,17 +749,16 @@ class _AffineK(_KQuant):
             d, dmin = max_scale / F32(63), max_min / F32(63)
         else:
             sigma2 = F32(2) * _block_sum_x2(x) / F32(QK_K)
-            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
-            sw = self._per_sub(seq_sum(weights), x)
-            scales, mins, codes = search_affine(xl, weights, self.qmax, -0.9, 0.05, 36, False)
-            d, ls = search_positive(lanes(scales, 8), 63, lanes(sw, 8))
-            dmin, lm = search_positive(lanes(mins, 8), 63, lanes(sw, 8))
-            ls, lm = ls.T, lm.T
+            weights = self._sub_rows(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(rows_sum(weights), x)
+            scales, mins, codes = rows_affine(xr, weights, self.qmax, -0.9, 0.05, 36, False)
+            d, ls = rows_positive(self._per_sub(scales, x), 63, sw)
+            dmin, lm = rows_positive(self._per_sub(mins, x), 63, sw)
             if self.bits == 5:  # quantize_row_q5_K_impl clamps, the q4_K one does not
                 ls, lm = np.minimum(63, ls), np.minimum(63, lm)
         sc, mn = unpack_k4_scales(pack_k4_scales(ls, lm))
         return {"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": sc, "mins": mn,
-                "search_codes": self._from_sub_lanes(codes, x)}
+                "search_codes": self._block_codes(codes, x)}
 
     def _effective(self, p):
         d = np.asarray(p["d"]).astype(F32)[..., None]
@@ -737,9 +797,9 @@ class Q2_K(_KQuant):
     layout = (("scales", 16), ("qs", 64), ("d", 2), ("dmin", 2))
 
     def _fit(self, x, qw):
-        xl = self._sub_lanes(x)
+        xr = self._sub_rows(x)
         if qw is None:
-            scales, mins, codes = search_affine(xl, np.abs(xl), 3, -0.5, 0.1, 15, True)
+            scales, mins, codes = rows_affine(xr, np.abs(xr), 3, -0.5, 0.1, 15, True)
             scales, mins = self._per_sub(scales, x), self._per_sub(mins, x)
             max_scale = np.maximum(scales.max(axis=1), F32(0))
             max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -750,15 +810,14 @@ class Q2_K(_KQuant):
             dmin = np.where(max_min > 0, max_min / F32(15), F32(0))
         else:
             sigma2 = _block_sum_x2(x) / F32(QK_K)
-            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
-            sw = self._per_sub(seq_sum(weights), x)
-            scales, mins, codes = search_affine(xl, weights, 3, -0.9, 0.05, 36, False)
-            d, ls = search_positive(lanes(self._per_sub(scales, x), 16), 15, lanes(sw, 16))
-            dmin, lm = search_positive(lanes(self._per_sub(mins, x), 16), 15, lanes(sw, 16))
-            ls, lm = ls.T, lm.T
+            weights = self._sub_rows(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(rows_sum(weights), x)
+            scales, mins, codes = rows_affine(xr, weights, 3, -0.9, 0.05, 36, False)
+            d, ls = rows_positive(self._per_sub(scales, x), 15, sw)
+            dmin, lm = rows_positive(self._per_sub(mins, x), 15, sw)
         byte = as_uint8(as_uint8(ls).astype(np.int32) | (lm.astype(np.int32) << 4))
         return {"d": to_fp16(d), "dmin": to_fp16(dmin), "scales": byte & np.uint8(0xF), "mins": byte >> 4,
-                "search_codes": self._from_sub_lanes(codes, x)}
+                "search_codes": self._block_codes(codes, x)}
 
     _effective = _AffineK._effective
 
@@ -797,9 +856,9 @@ class Q3_K(_SymmetricK):
     layout = (("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2))
 
     def _fit(self, x, qw):
-        xl = self._sub_lanes(x)
+        xr = self._sub_rows(x)
         if qw is None:
-            scales, codes = search_symmetric_rmse(xl, 4)
+            scales, codes = rows_symmetric_rmse(xr, 4)
             scales = self._per_sub(scales, x)
             max_scale = self._pick_block_scale(scales)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -809,13 +868,12 @@ class Q3_K(_SymmetricK):
             sc = np.where(max_scale[:, None] != 0, sc, 0)
         else:
             sigma2 = F32(2) * _block_sum_x2(x) / F32(QK_K)
-            weights = self._sub_lanes(_imatrix_weights(x, qw, sigma2))
-            sw = self._per_sub(seq_sum(weights), x)
-            scales, codes = search_symmetric(xl, 4, weights)
-            d, sc = search_symmetric(lanes(self._per_sub(scales, x), 16), 32, lanes(sw, 16))
-            sc = sc.T
+            weights = self._sub_rows(_imatrix_weights(x, qw, sigma2))
+            sw = self._per_sub(rows_sum(weights), x)
+            scales, codes = rows_symmetric(xr, 4, weights)
+            d, sc = rows_symmetric(self._per_sub(scales, x), 32, sw)
         return {"d": to_fp16(d), "scales": unpack_q3_scales(pack_q3_scales(as_uint8(sc))),
-                "search_codes": self._from_sub_lanes(codes, x)}
+                "search_codes": self._block_codes(codes, x)}
 
     def _encode(self, p, codes):
         return {"hmask": pack_bits((codes >> 2).reshape(-1, 8, 32), 1, axis=1),
@@ -834,8 +892,7 @@ class Q6_K(_SymmetricK):
     layout = (("ql", 128), ("qh", 64), ("scales", 16), ("d", 2))
 
     def _fit(self, x, qw):
-        xl = self._sub_lanes(x)
-        scales, codes = search_symmetric(xl, 32, None if qw is None else self._sub_lanes(qw))
+        scales, codes = rows_symmetric(self._sub_rows(x), 32, None if qw is None else self._sub_rows(qw))
         scales = self._per_sub(scales, x)
         max_scale = self._pick_block_scale(scales)
         empty = np.abs(max_scale) < GROUP_MAX_EPS  # ggml zeroes the whole block
@@ -844,7 +901,7 @@ class Q6_K(_SymmetricK):
             d = np.where(empty, F32(0), F32(1) / iscale)
             sc = as_int8(np.minimum(127, nearest_int(iscale[:, None] * scales)))
         sc = np.where(empty[:, None], np.int8(0), sc)
-        codes = self._from_sub_lanes(codes, x)
+        codes = self._block_codes(codes, x)
         codes[empty] = 0
         return {"d": to_fp16(d), "scales": sc, "search_codes": codes}
 
