@@ -259,7 +259,9 @@ def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
         qts = quantize_block(method, w, x, qcfg, spec, rope, names, where)
-        return {short: qt.dequantize() for short, qt in qts.items()}, PartialRun.flatten(qts, w)
+        # the dequantized linears only feed the next layer's calibration inputs
+        deq = {} if x is None else {short: qt.dequantize() for short, qt in qts.items()}
+        return deq, PartialRun.flatten(qts, w)
 
     run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer, where)
     stats = _assemble(folder, qcfg, out, state, calib if method.needs_calibration else None)
@@ -286,8 +288,9 @@ def _assemble(folder: ModelFolder, qcfg: QuantConfig, out: Path, state: PartialR
             stats.quantized_bits += qt.storage_bits()
 
         def put_maybe_rtn(name: str, quantize_it: bool) -> None:
-            tensor = folder.get(name)
-            put_quantized(name, quantize_rtn(tensor, qcfg.grid)) if quantize_it else put_plain(name, tensor)
+            # unquantized, the source's own tensor: an 8B's bf16 embedding and head stay 1 GB each, not 2
+            put_quantized(name, quantize_rtn(folder.get(name), qcfg.grid)) if quantize_it else \
+                put_plain(name, folder.store.raw(name))
 
         put_maybe_rtn(arch.embed, qcfg.quantize_embedding)
         for i in range(spec.num_layers):
@@ -296,7 +299,7 @@ def _assemble(folder: ModelFolder, qcfg: QuantConfig, out: Path, state: PartialR
                 put_quantized(layer_tensor_name(arch, i, sfx), qts[short])
             for short, tensor in plain.items():
                 put_plain(_plain_name(spec, i, short), tensor)
-        put_plain(arch.final_norm, folder.get(arch.final_norm))
+        put_plain(arch.final_norm, folder.store.raw(arch.final_norm))
         if not spec.tie_word_embeddings:
             put_maybe_rtn(arch.lm_head, qcfg.quantize_lm_head)
         meta = {"quant": qcfg.to_dict(), "config_name": qcfg.name, "lowbit_version": __version__,
