@@ -139,11 +139,6 @@ def lanes(x: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=F32).reshape(-1, size).T)
 
 
-def from_lanes(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Inverse of `lanes`."""
-    return np.ascontiguousarray(a.T).reshape(shape)
-
-
 # ---------------------------------------------------------------- ggml's parameter searches (lane-vectorised)
 
 
@@ -319,7 +314,7 @@ def _native():
 
 def _cols(a: np.ndarray | None) -> np.ndarray | None:
     """[N, n] rows of lanes -> the reference's [n, N] layout."""
-    return None if a is None else np.ascontiguousarray(np.asarray(a, dtype=F32).T)
+    return None if a is None else lanes(a, np.shape(a)[-1])
 
 
 def rows_symmetric(x: np.ndarray, nmax: int, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -88,8 +88,6 @@ def _build(cc: str, out: Path) -> None:
 
 
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("LOWBIT_NATIVE", "1").strip() == "0":
-        return None
     cc = _compiler()
     if cc is None:
         print("lowbit: no C compiler found (set CC); the block searches run in numpy (same bytes, slower)",
