@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from llamacpp_judge import llamacpp_vs_lowbit
+from llamacpp_judge import both_logits, llamacpp_vs_lowbit, top1_flip_margins
 
 from lowbit.calib.dataset import CalibConfig, build_calibration
 from lowbit.calib.text import resolve_text
 from lowbit.eval.data import load_tokenizer
+from lowbit.eval.metrics import token_kld
 from lowbit.cli import main
 from lowbit.formats.gguf import gguf_name_to_hf, open_gguf
 from lowbit.model.hf import ModelFolder
@@ -75,16 +76,21 @@ def test_calibrated_gguf_runs_in_llamacpp(small_model_dir: Path, calib, tmp_path
     written = {gguf_name_to_hf(t.name)[0]: t.tensor_type.name for t in open_gguf(out).tensors}
     assert written == expected
     ids = calib.tokens[0].tolist()
-    kld, top1 = llamacpp_vs_lowbit(out, ids)
+    ref, mine = both_logits(out, ids)
+    kld = float(token_kld(torch.log_softmax(ref, -1), mine).mean())
+    margins = top1_flip_margins(ref, mine)
     # Reference: the same check on llama.cpp's own bytes (lowbit rtn is byte-identical to them). Whole
     # quantized layers leave a small runtime residue even with the activation rounding emulated.
     own = tmp_path / "rtn.gguf"
     quantize_to_gguf(small_model_dir, GGUFConfig("Q4_K_M", "rtn"), own)
     own_kld, _ = llamacpp_vs_lowbit(own, ids)
-    print(f"{method}: llama.cpp vs lowbit (emulated runtime) KLD {kld:.2e}, top-1 {top1:.3f}; "
-          f"on llama.cpp's own bytes {own_kld:.2e}")
+    print(f"{method}: llama.cpp vs lowbit (emulated runtime) KLD {kld:.2e}, top-1 flips {len(margins)}/{len(ids)} "
+          f"with lowbit logit margins {margins.tolist()}; on llama.cpp's own bytes KLD {own_kld:.2e}")
     assert kld < 2 * own_kld + 1e-4
-    assert top1 > 0.97
+    # Which side of a near-tie a token lands on moves with the host's float kernels (3 flips on one CPU,
+    # 4 on another for the same bytes), so top-1 is held by how close the flips are, not by their count:
+    # within 0.5 nat, when llama.cpp's own bytes already differ by 0.33 at the median position's worst token.
+    assert len(margins) <= 0.05 * len(ids) and bool((margins < 0.5).all())
 
 
 def test_gptq_gguf_resumes_byte_identical(small_model_dir: Path, calib, tmp_path: Path) -> None:
