@@ -58,3 +58,18 @@ def decide(rows: list[dict], **thresholds) -> dict:
     from lowbit.pipeline.decide import Thresholds, decide_run
 
     return decide_run(rows, Thresholds(**thresholds)).to_json()
+
+
+def memory(model: str | Path | None = None, config: str | Path | None = None, format: str = "gguf",
+           file_type: str = "Q4_K_M", bits: int = 4, group_size: int = 128, ctx: int = 8192, batch: int = 1,
+           kv_type: str = "f16", gpus: Sequence[str] = ()) -> dict:
+    """Weights, KV cache and buffers of a deployment and the fits table (see `lowbit memory`); with
+    `config` (a config.json) nothing else of the model is needed."""
+    from lowbit.model.default import resolve_model
+    from lowbit.pipeline.memory import memory_plan
+    from lowbit.plan.weights import WeightRequest
+
+    model_dir = None if config is not None else resolve_model(model)
+    return memory_plan(model_dir, Path(config) if config is not None else None,
+                       WeightRequest(format, file_type.upper(), (), bits, group_size), ctx, batch, kv_type,
+                       list(gpus) or None)

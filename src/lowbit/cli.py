@@ -425,6 +425,40 @@ def model_path() -> None:
     print(default_model_dir())
 
 
+@app.command()
+def memory(
+    model: Optional[str] = typer.Argument(None, help="HF model folder or hub id (default: the embedded model); "
+                                                     "or use --config."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A config.json alone: plan before downloading."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf, compressed-tensors, gptq, awq or bf16."),
+    file_type: str = typer.Option("Q4_K_M", "--type", help="GGUF file type (llama.cpp's mixes)."),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF REGEX=TYPE override."),
+    bits: int = typer.Option(4, "--bits", help="HF formats: bits per weight."),
+    group_size: int = typer.Option(128, "--group-size", help="HF formats: 32, 64, 128, 256 or -1."),
+    asym: bool = typer.Option(False, "--asym", help="HF formats: asymmetric grid."),
+    ctx: int = typer.Option(8192, "--ctx", help="Context tokens per sequence."),
+    batch: int = typer.Option(1, "--batch", help="Concurrent sequences (users)."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f16, q8_0, q4_0 (llama.cpp), fp8 (vLLM)."),
+    gpu: Optional[list[str]] = typer.Option(None, "--gpu", help="Target(s): 24GiB, 80GB, 2x24GiB, 4090, h100, "
+                                                                "h200, mac36, mac64 (default: the common ones)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Weights, KV cache and runtime buffers of a deployment, and which GPUs it fits (no weights read)."""
+    import json
+
+    from lowbit.pipeline.memory import memory_plan, render_memory
+    from lowbit.plan.weights import WeightRequest
+
+    model_dir = None
+    if config is None:
+        from lowbit.model.default import resolve_model
+
+        model_dir = resolve_model(model)
+    request = WeightRequest(fmt, file_type.upper(), tuple(tensor_type or ()), bits, group_size, not asym)
+    plan = memory_plan(model_dir, config, request, ctx, batch, kv_type, gpu)
+    print(json.dumps(plan, indent=2) if as_json else render_memory(plan), end="" if not as_json else "\n")
+
+
 @app.command("text-path")
 def text_path(name: str = typer.Argument("wiki", help="wiki, wiki-calib or botchan")) -> None:
     """Prepare a built-in text (once) and print its path."""

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from lowbit.formats.hf_export import HFFormat, pack_int32, unpack_int32
+from lowbit.formats.hf_export import HFFormat, n_groups, pack_int32, packed_words, unpack_int32
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the GEMM kernels' interleave: nibble k <- column ORDER[k]
@@ -55,6 +55,11 @@ class AWQFormat(HFFormat):
         return {"qweight": _pack_cols(qt.codes.T.contiguous()),
                 "qzeros": _pack_cols(qt.zeros.T.contiguous()),
                 "scales": qt.scales.T.contiguous()}
+
+    def stored_tensors(self, out: int, n_in: int, grid: GridConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        g = n_groups(n_in, grid)
+        return {"qweight": ((n_in, packed_words(out, 4)), torch.int32),
+                "qzeros": ((g, packed_words(out, 4)), torch.int32), "scales": ((g, out), torch.float16)}
 
     def unpack(self, get: Callable[[str], torch.Tensor], grid: GridConfig) -> QuantizedTensor:
         scales = get("scales")

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.formats.hf_export import HFFormat, pack_int32, unpack_int32
+from lowbit.formats.hf_export import HFFormat, n_groups, pack_int32, packed_words, unpack_int32
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 
@@ -86,6 +86,14 @@ class CompressedTensorsFormat(HFFormat):
         if not qt.config.symmetric:
             out["weight_zero_point"] = pack_int32(qt.zeros.T.contiguous(), bits).T.contiguous()
         return out
+
+    def stored_tensors(self, out: int, n_in: int, grid: GridConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        g = n_groups(n_in, grid)
+        shapes = {"weight_packed": ((out, packed_words(n_in, grid.bits)), torch.int32),
+                  "weight_scale": ((out, g), torch.float16), "weight_shape": ((2,), torch.int64)}
+        if not grid.symmetric:
+            shapes["weight_zero_point"] = ((packed_words(out, grid.bits), g), torch.int32)
+        return shapes
 
     def unpack(self, get: Callable[[str], torch.Tensor], grid: GridConfig) -> QuantizedTensor:
         out, n_in = (int(v) for v in get("weight_shape"))

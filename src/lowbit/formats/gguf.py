@@ -395,7 +395,6 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
     in memory: a GGUF of a model larger than RAM streams through one tensor at a time. Without it
     the tensors are gathered first (small files, tests).
     """
-    import gguf
 
     from lowbit.formats.atomic import atomic_file
     from lowbit.formats.coverage import check_nothing_dropped
@@ -417,24 +416,8 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
         arrays = file_arrays()
     check_nothing_dropped(expected_tensor_names(arch, spec), [n for n, _, _ in plan], lambda n: n,
                           f"the GGUF {out_path.name}")
-    n_params = sum(int(np.prod(shape)) for _, _, shape in plan) + (0 if rope_freqs is None else rope_freqs.size)
     with atomic_file(out_path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch.gguf_arch)
-        if rope_freqs is not None:
-            w.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
-        for hf_name, qtype, shape in plan:
-            _add_tensor_info(w, hf_name, qtype, shape)
-        _write_general(w, model_dir, name, n_params)
-        _write_hparams(w, config, arch)
-        w.add_file_type(file_type)
-        if arch.gguf_arch == "llama":  # the converter's llama graph also states these two
-            w.add_vocab_size(config["vocab_size"])
-            w.add_rope_dimension_count(spec.head_dim)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.write(w)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        w = _header_writer(tmp, config, plan, vocab, name, file_type, model_dir)
         if rope_freqs is not None:
             w.write_tensor_data(rope_freqs)
         for (want, qtype, shape), (hf_name, arr, got_type) in zip(plan, arrays, strict=True):
@@ -444,6 +427,53 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
             w.write_tensor_data(arr)
             del arr
         w.close()
+
+
+def _header_writer(path: Path, config: dict[str, Any], plan: TensorPlan, vocab: Any, name: str, file_type: int,
+                   model_dir: Path | None) -> Any:
+    """A gguf-py writer on `path` with the header, metadata and tensor infos written: what goes before
+    the first tensor's bytes (rope_freqs, when the config asks for it, is the first tensor)."""
+    import gguf
+
+    from lowbit.model.hf import spec_from_config
+
+    arch = arch_for(config.get("model_type", "llama"), "config.json")
+    spec = spec_from_config(config, arch, Path("config.json"))
+    rope_freqs = llama3_rope_factors(config, spec.head_dim)
+    n_params = sum(int(np.prod(shape)) for _, _, shape in plan) + (0 if rope_freqs is None else rope_freqs.size)
+    w = gguf.GGUFWriter(str(path), arch.gguf_arch)
+    if rope_freqs is not None:
+        w.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
+    for hf_name, qtype, shape in plan:
+        _add_tensor_info(w, hf_name, qtype, shape)
+    _write_general(w, model_dir, name, n_params)
+    _write_hparams(w, config, arch)
+    w.add_file_type(file_type)
+    if arch.gguf_arch == "llama":  # the converter's llama graph also states these two
+        w.add_vocab_size(config["vocab_size"])
+        w.add_rope_dimension_count(spec.head_dim)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.write(w)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    return w
+
+
+def gguf_file_bytes(config: dict[str, Any], plan: TensorPlan, vocab: Any, name: str = "lowbit", file_type: int = 0,
+                    model_dir: Path | None = None) -> tuple[int, int]:
+    """(header bytes, tensor data bytes) of the GGUF write_gguf would write for `plan`, without any weights:
+    the header is written for real into a scratch file, each tensor is padded to the data alignment."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-gguf-size-") as scratch:
+        w = _header_writer(Path(scratch) / "header.gguf", config, plan, vocab, name, file_type, model_dir)
+        header = w.fout[0].tell()
+        sizes = [ti.nbytes for ti in w.tensors[0].values()]
+        align = w.data_alignment
+        w.close()
+    pad = lambda n: -(-n // align) * align  # noqa: E731
+    return pad(header), sum(pad(n) for n in sizes)
 
 
 def _file_array(data: Any, qtype: str, hf_name: str, arch: Arch, spec: Any) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from lowbit.formats.hf_export import HFFormat, flip_zero_groups, pack_int32, unpack_int32
+from lowbit.formats.hf_export import HFFormat, flip_zero_groups, n_groups, pack_int32, packed_words, unpack_int32
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 
@@ -65,6 +65,12 @@ class GPTQFormat(HFFormat):
                 "qzeros": pack_int32((qt.zeros.T - 1).contiguous(), bits),
                 "scales": qt.scales.T.contiguous(),
                 "g_idx": qt.column_groups().to(torch.int32)}
+
+    def stored_tensors(self, out: int, n_in: int, grid: GridConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        g = n_groups(n_in, grid)
+        return {"qweight": ((packed_words(n_in, grid.bits), out), torch.int32),
+                "qzeros": ((g, packed_words(out, grid.bits)), torch.int32),
+                "scales": ((g, out), torch.float16), "g_idx": ((n_in,), torch.int32)}
 
     def unpack(self, get: Callable[[str], torch.Tensor], grid: GridConfig) -> QuantizedTensor:
         qweight, scales, g_idx = get("qweight"), get("scales"), get("g_idx")

@@ -73,6 +73,15 @@ def unpack_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.from_numpy(unpack_bits(raw, bits, n).copy())
 
 
+def packed_words(n: int, bits: int) -> int:
+    """int32 words pack_int32 writes for `n` codes."""
+    return -(-n * bits // 32)
+
+
+def n_groups(n_in: int, grid: GridConfig) -> int:
+    return 1 if grid.group_size == -1 else -(-n_in // grid.group_size)
+
+
 def codes_per_word(bits: int) -> int:
     """Fewest codes that fill whole int32 words: 8 at 4 bits, 32 at 3 bits."""
     return 32 // math.gcd(bits, 32)
@@ -151,6 +160,11 @@ class HFFormat:
 
     def grid(self, qc: dict[str, Any]) -> GridConfig:
         """The lowbit grid a quantization_config describes."""
+        raise NotImplementedError
+
+    def stored_tensors(self, out: int, n_in: int, grid: GridConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each tensor `pack` writes for an out x n_in linear on `grid` (stored group),
+        without packing anything: the memory planner sizes files from config.json alone."""
         raise NotImplementedError
 
     def unpack(self, get: Callable[[str], torch.Tensor], grid: GridConfig) -> QuantizedTensor:

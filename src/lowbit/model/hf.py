@@ -146,6 +146,28 @@ class ModelFolder:
         return [self.path / n for n in names if (self.path / n).is_file()]
 
 
+def layer_tensor_shape(short: str, spec: ModelSpec) -> tuple[int, ...]:
+    """The shape a layer tensor has in a checkpoint of this config (HF [out, in] for linears)."""
+    d, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    return {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (spec.intermediate_size, d),
+            "up": (spec.intermediate_size, d), "down": (d, spec.intermediate_size),
+            "q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,), "attn_norm": (d,), "ffn_norm": (d,),
+            "q_norm": (spec.head_dim,), "k_norm": (spec.head_dim,)}[short]
+
+
+def expected_tensor_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a checkpoint with this config and its shape, from config.json alone (for planning
+    the memory of a model before downloading it); tests check it against real folders."""
+    arch = spec.arch
+    shapes = {arch.embed: (spec.vocab_size, spec.hidden_size)}
+    for i in range(spec.num_layers):
+        shapes.update({layer_name(arch, i, t): layer_tensor_shape(t.short, spec) for t in arch.layer_tensors()})
+    shapes[arch.final_norm] = (spec.hidden_size,)
+    if not spec.tie_word_embeddings:
+        shapes[arch.lm_head] = (spec.vocab_size, spec.hidden_size)
+    return shapes
+
+
 def expected_tensor_names(arch: Arch, spec: ModelSpec) -> list[str]:
     """Every tensor a checkpoint of this arch and shape holds (lm_head only when untied)."""
     names = [arch.embed]

@@ -123,15 +123,19 @@ class GGUFStats:
             self.linear_bytes += nbytes
 
 
-def tensor_infos(folder: ModelFolder) -> list[TensorInfo]:
-    return [TensorInfo(hf_name_to_gguf(n), folder.shape(n)[-1], len(folder.shape(n)))
-            for n in gguf_tensor_order(folder.spec)]
+def tensor_infos(spec: ModelSpec, shape_of: Callable[[str], tuple[int, ...]]) -> list[TensorInfo]:
+    return [TensorInfo(hf_name_to_gguf(n), shape_of(n)[-1], len(shape_of(n))) for n in gguf_tensor_order(spec)]
 
 
 def plan_types(folder: ModelFolder, gcfg: GGUFConfig, has_imatrix: bool) -> dict[str, str]:
     """HF name -> ggml type, exactly as llama-quantize would choose for this file type."""
-    spec = folder.spec
-    by_gguf = choose_types(tensor_infos(folder), gcfg.file_type, spec.num_layers,
+    return plan_types_for(folder.spec, folder.shape, gcfg, has_imatrix)
+
+
+def plan_types_for(spec: ModelSpec, shape_of: Callable[[str], tuple[int, ...]], gcfg: GGUFConfig,
+                   has_imatrix: bool) -> dict[str, str]:
+    """plan_types from shapes alone (a config.json, for the memory planner)."""
+    by_gguf = choose_types(tensor_infos(spec, shape_of), gcfg.file_type, spec.num_layers,
                            spec.num_heads // spec.num_kv_heads, has_imatrix, parse_overrides(list(gcfg.tensor_types)))
     return {n: by_gguf[hf_name_to_gguf(n)] for n in gguf_tensor_order(spec)}
 
