@@ -119,6 +119,8 @@ def quantize(
                                            "lowbit .safetensors) weighting llama.cpp's block search."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "
                                                     "e.g. 'attn_v=Q8_0' (repeatable)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe written by `lowbit plan`: its per-tensor "
+                                          "types, method and calibration (the other quantize options are ignored)."),
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
 ) -> None:
@@ -129,6 +131,9 @@ def quantize(
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
     _use_device(device, offload_activations)
+    if recipe is not None:
+        _quantize_recipe(model, recipe, output, overwrite)
+        return
     if fmt == "gguf":
         _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
@@ -184,6 +189,20 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
+
+
+def _quantize_recipe(model, recipe_path: Path, output: Path, overwrite: bool) -> None:
+    from lowbit.model.default import resolve_model
+    from lowbit.pipeline.plan import quantize_recipe, read_recipe
+    from lowbit.report.progress import info
+
+    recipe = read_recipe(recipe_path)
+    if output.suffix != ".gguf":
+        raise LowbitError(f"-o {output}: a recipe writes a GGUF; give a file ending in .gguf")
+    model_dir = resolve_model(model or recipe.get("model"))
+    stats = quantize_recipe(model_dir, recipe, output, overwrite)
+    info(f"wrote {output}  (recipe {recipe_path.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw_model:.3f} "
+         f"bits/weight over the model, {len(recipe['tensor_types'])} tensors typed by the plan; {stats.seconds:.1f} s)")
 
 
 @app.command()
@@ -423,6 +442,68 @@ def model_path() -> None:
     from lowbit.model.default import default_model_dir
 
     print(default_model_dir())
+
+
+@app.command()
+def plan(
+    model: Optional[str] = ModelArg,
+    target: str = typer.Option("gguf", "--target", help="gguf (per-tensor llama.cpp types)."),
+    method: str = typer.Option("imatrix", "--method", help="How the planned file is quantized: rtn, imatrix, gptq, "
+                               "awq or awq-gptq."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Budget: the smallest file whose held-out "
+                                            "mean KLD is at most this."),
+    size: Optional[str] = typer.Option(None, "--size", help="Budget: the lowest KLD within this many bytes "
+                                       "(4.5GB, 800MiB) or percent of the F16 file (30%)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Budget: the lowest KLD whose weights, llama.cpp KV "
+                                      "cache and buffers fit this GPU (24GiB, 2x24GiB, 4090, h100...)."),
+    ctx: int = typer.Option(8192, "--ctx", help="--gpu: context tokens per sequence."),
+    batch: int = typer.Option(1, "--batch", help="--gpu: concurrent sequences."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="--gpu: llama.cpp KV cache type (f16, q8_0, q4_0)."),
+    types: Optional[str] = typer.Option(None, "--types", help="Candidate block types, comma-separated (default: "
+                                        "Q2_K..Q8_0 with the legacy 32-blocks)."),
+    calib_text: Optional[str] = CalibTextOpt,
+    calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration samples for sensitivity and method."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="Tokens per calibration sample."),
+    seed: int = SeedOpt,
+    eval_text: Optional[str] = EvalTextOpt,
+    ood_text: str = typer.Option("botchan", "--ood-text", help="Out-of-domain text also measured ('none' to skip)."),
+    eval_ctx: int = typer.Option(512, "--eval-ctx", help="Verification window length."),
+    windows: int = typer.Option(16, "--windows", help="Verification windows."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder: recipe.json, plan.gguf, plan.md."),
+) -> None:
+    """Plan a mixed-precision GGUF to a budget, verify it end to end and write its recipe."""
+    from lowbit.calib.dataset import CalibConfig
+    from lowbit.model.default import resolve_model
+    from lowbit.pipeline.plan import Budget, PlanSettings, make_plan, parse_size
+    from lowbit.pipeline.plan_report import write_plan_report
+    from lowbit.plan.memory import check_kv_type
+
+    if target != "gguf":
+        raise LowbitError(f"--target {target!r}: lowbit plan writes gguf recipes (per-tensor types); "
+                          "HF formats store one grid per model")
+    model_dir = resolve_model(model)
+    size_bytes = None
+    if size is not None:
+        from lowbit.plan.weights import WeightRequest, weight_bytes
+        from lowbit.model.hf import ModelFolder
+
+        f16 = weight_bytes(ModelFolder(model_dir).config, WeightRequest("gguf", "F16")).weights
+        size_bytes = parse_size(size, f16)
+    budget = Budget(max_kld, size_bytes, gpu, ctx, batch, check_kv_type(kv_type))
+    allowed = tuple(t.strip().upper() for t in types.split(",")) if types else ()
+    _check_types(allowed)
+    settings = PlanSettings(method, calib_text, CalibConfig(calib_samples, calib_seqlen, seed, "chunk"), allowed,
+                            eval_text, None if ood_text == "none" else ood_text, eval_ctx, windows)
+    result = make_plan(model_dir, budget, settings, output)
+    write_plan_report(result, output)
+
+
+def _check_types(allowed: tuple[str, ...]) -> None:
+    from lowbit.plan.sensitivity import CANDIDATES
+
+    bad = [t for t in allowed if t not in CANDIDATES]
+    if bad:
+        raise LowbitError(f"--types {','.join(bad)}: not a planned block type; choose from {', '.join(CANDIDATES)}")
 
 
 @app.command()
