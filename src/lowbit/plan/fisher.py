@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lowbit.calib.dataset import CalibSet
 from lowbit.formats.atomic import atomic_file
@@ -60,7 +59,7 @@ def diagonal_fisher(model_dir: Path, calib: CalibSet, work: Path) -> Fisher:
     spec = folder.spec
     tokens = calib.tokens
     n_tokens = tokens.numel()
-    inputs = _layer_inputs(folder, tokens)
+    inputs = layer_inputs(folder, tokens)
     grad, head_fisher = _head_backward(folder, inputs[-1], tokens)
     fisher: Fisher = {}
     start = spec.num_layers - 1
@@ -94,7 +93,7 @@ def diagonal_fisher(model_dir: Path, calib: CalibSet, work: Path) -> Fisher:
 
 
 @torch.inference_mode()
-def _layer_inputs(folder: ModelFolder, tokens: torch.Tensor) -> list[torch.Tensor]:
+def layer_inputs(folder: ModelFolder, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Each layer's input [N, T, H], then the last layer's output."""
     spec = folder.spec
     rope = build_rope(folder.config, spec, tokens.shape[1])

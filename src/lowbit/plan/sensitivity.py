@@ -84,3 +84,47 @@ def spearman(a: list[float], b: list[float]) -> float:
     """Rank correlation (no ties expected among measured floats)."""
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@torch.inference_mode()
+def measured_klds(folder: ModelFolder, tokens: torch.Tensor, trials: list[tuple[str, str]],
+                  imatrix: Imatrix | None = None) -> list[float]:
+    """The KLD each (tensor, type) costs when it alone is quantized, measured end to end against the FP
+    model on `tokens`: the check the Fisher estimate is held to (one forward from that tensor's layer
+    on, per trial, from cached FP layer inputs)."""
+    from lowbit.eval.metrics import token_kld
+    from lowbit.model.arch import layer_tensor_name
+    from lowbit.model.forward import build_rope, decoder_layer, layer_weights, rms_norm
+    from lowbit.plan.fisher import layer_inputs
+    from lowbit.quant.gguf_pipeline import rtn_tensor
+
+    spec, arch = folder.spec, folder.arch
+    inputs = layer_inputs(folder, tokens)
+    rope = build_rope(folder.config, spec, tokens.shape[1])
+    norm = folder.get(arch.final_norm).float()
+    head = folder.get(arch.embed if spec.tie_word_embeddings else arch.lm_head).float()
+    ref = torch.log_softmax(rms_norm(inputs[-1], norm, spec.rms_norm_eps) @ head.T, -1)
+    where = {layer_tensor_name(arch, i, sfx): (i, short) for i in range(spec.num_layers) for short, sfx in _linears()}
+    out = []
+    with progress("measured KLD", len(trials)) as advance:
+        for name, qtype in trials:
+            if name not in where:
+                raise ValueError(f"measured_klds: {name} is not a decoder linear")
+            i, short = where[name]
+            x = inputs[i]
+            for j in range(i, spec.num_layers):
+                w = {k: v.float() for k, v in layer_weights(folder.get, spec, j).items()}
+                if j == i:
+                    importance = None if imatrix is None or name not in imatrix else imatrix[name].mean()
+                    w[short] = rtn_tensor(w[short], qtype, importance)[1]
+                x = decoder_layer(x, w, spec, rope)
+            logits = rms_norm(x, norm, spec.rms_norm_eps) @ head.T
+            out.append(float(token_kld(ref, logits).mean()))
+            advance()
+    return out
+
+
+def _linears():
+    from lowbit.model.arch import LINEARS
+
+    return LINEARS
