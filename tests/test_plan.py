@@ -161,3 +161,38 @@ def test_max_kld_plan_is_smaller_than_every_stock_type_that_meets_it(model_dir: 
             meeting[ft] = path.stat().st_size
     print(f"plan {planned.stat().st_size} bytes, KLD {kld:.4g}; stock types meeting {max_kld}: {meeting}")
     assert meeting and all(planned.stat().st_size < size for size in meeting.values())
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+def test_plan_on_other_families(name: str, tmp_path: Path) -> None:
+    """Llama 3 (untied head, rope_freqs) and Qwen2 (tied, q/k/v biases): the plan meets its size, every
+    quantizable tensor gets a planned type, the biases stay F32, and llama.cpp loads the file."""
+    from families import build_family_model
+
+    from lowbit.formats.gguf import open_gguf
+    from lowbit.plan.weights import WeightRequest, weight_bytes
+
+    src = build_family_model(name, tmp_path / name)
+    q4 = weight_bytes(json.loads((src / "config.json").read_text()), WeightRequest("gguf", "Q4_K_M"), src).file
+    out = tmp_path / "plan"
+    assert main(["plan", str(src), "--size", str(q4), "--method", "rtn", "--calib-samples", "2",
+                 "--calib-seqlen", "64", "--windows", "2", "--eval-ctx", "64", "--ood-text", "none",
+                 "-o", str(out)]) == 0
+    recipe = json.loads((out / "recipe.json").read_text())
+    tensors = {t.name: t.tensor_type.name for t in open_gguf(out / "plan.gguf").tensors}
+    assert (out / "plan.gguf").stat().st_size <= q4
+    assert {n for n, q in tensors.items() if n.endswith(".weight") and "norm" not in n and n != "rope_freqs.weight"} \
+        == set(recipe["tensor_types"])
+    assert all(q == "F32" for n, q in tensors.items() if n.endswith(".bias"))
+    pytest.importorskip("llama_cpp")
+    from llamacpp_judge import llama
+
+    llm = llama(out / "plan.gguf")
+    llm.eval([1, 2, 3, 4])
+    assert np_isfinite(llm.scores[3])
+
+
+def np_isfinite(row) -> bool:
+    import numpy as np
+
+    return bool(np.isfinite(np.asarray(row)).all())

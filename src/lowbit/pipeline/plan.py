@@ -166,7 +166,7 @@ def make_plan(model_dir: Path, budget: Budget, settings: PlanSettings, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = build_calibration(load_tokenizer(model_dir), resolve_text(settings.calib_text, "wiki-calib"),
                               settings.calib, folder.spec.max_position_embeddings)
-    work = out_dir / ".plan-work" / fisher_key(model_dir, calib)
+    work = plan_cache() / fisher_key(model_dir, calib)  # shared: re-planning to another budget is free
     imatrix = compute_imatrix(model_dir, calib) if settings.method != "rtn" else None
     fisher = diagonal_fisher(model_dir, calib, work)
     allowed = tuple(settings.types) or CANDIDATES
@@ -207,6 +207,13 @@ def make_plan(model_dir: Path, budget: Budget, settings: PlanSettings, out_dir: 
     with atomic_file(out_dir / "recipe.json") as tmp:
         tmp.write_text(json.dumps(recipe, indent=1) + "\n")
     return PlanResult(recipe, gguf, rounds)
+
+
+def plan_cache() -> Path:
+    """Fisher and price lists, keyed by model, calibration tokens and lowbit version."""
+    from lowbit.model.default import cache_dir
+
+    return cache_dir() / "plan"
 
 
 def _gguf(hf_name: str) -> str:
