@@ -11,7 +11,7 @@ from lowbit.cli import main
 
 ARGS = ["--target", "llama.cpp", "--calib-samples", "8", "--calib-seqlen", "128", "--ctx", "128", "--windows", "2",
         "--tasks", "arc_easy", "--limit", "8", "--max-ppl-rise", "1000", "--ppl-jump", "2000",
-        "--max-task-drop", "1"]
+        "--max-task-drop", "1", "--plan"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def run_dir(small_model_dir, tmp_path_factory):
 def test_run_measures_the_ladder_and_ships_with_a_handoff(run_dir):
     res = json.loads((run_dir / "results.json").read_text())
     configs = [r["config"] for r in res["rows"]]
-    assert configs == ["fp32", "gguf:Q4_K_M:imatrix", "gguf:Q4_K_M:gptq"]
+    assert configs == ["fp32", "gguf:Q4_K_M:imatrix", "gguf:Q4_K_M:gptq", "gguf:Q4_K_M:gptq:plan"]
     for r in res["rows"][1:]:
         assert (run_dir / r["path"]).is_file()
         assert r["ood"]["eval_text"] == "botchan.txt" and r["ood"]["kld_mean"] > 0
@@ -41,6 +41,20 @@ def test_run_measures_the_ladder_and_ships_with_a_handoff(run_dir):
     assert (run_dir / "report.html").stat().st_size > 10_000 and (run_dir / "report.md").is_file()
 
 
+def test_run_plans_a_mix_at_the_stock_size_and_reports_it(run_dir):
+    """--plan: the planned mix fits the stock Q4_K_M file's size, and the report lists its types and frontier."""
+    res = json.loads((run_dir / "results.json").read_text())
+    stock = next(r for r in res["rows"] if r["config"] == "gguf:Q4_K_M:gptq")
+    planned = next(r for r in res["rows"] if r["config"] == "gguf:Q4_K_M:gptq:plan")
+    assert planned["size_bytes"] <= stock["size_bytes"] == planned["plan"]["budget_bytes"]
+    recipe = json.loads((run_dir / planned["plan"]["recipe"]).read_text())
+    assert recipe["tensor_types"] == planned["plan"]["tensor_types"] and len(recipe["tensor_types"]) == 15
+    md = (run_dir / "report.md").read_text()
+    assert "## Plan: `gguf:Q4_K_M:gptq:plan`" in md and "| blk.1.ffn_down.weight |" in md
+    assert all(f"| {p['bytes'] / 1e6:.2f} |" in md for p in planned["plan"]["frontier"])
+    assert "Plan: <code>gguf:Q4_K_M:gptq:plan</code>" in (run_dir / "report.html").read_text()
+
+
 def test_exported_gguf_loads_in_llamacpp(run_dir):
     llama_cpp = pytest.importorskip("llama_cpp")
     res = json.loads((run_dir / "results.json").read_text())
@@ -53,7 +67,7 @@ def test_second_run_resumes_from_the_measured_candidates(run_dir, small_model_di
     before = {p.name: p.read_bytes() for p in (run_dir / "candidates").glob("*.json")}
     assert main(["run", str(small_model_dir), *ARGS, "-o", str(run_dir)]) == 0
     out = capsys.readouterr()
-    assert " ".join((out.out + out.err).split()).count("measured before, reusing") == 2
+    assert " ".join((out.out + out.err).split()).count("measured before, reusing") == 3
     assert {p.name: p.read_bytes() for p in (run_dir / "candidates").glob("*.json")} == before
 
 
@@ -95,7 +109,7 @@ def test_compare_takes_every_kind_in_one_table(small_model_dir, capsys):
 
 @pytest.mark.parametrize("bad, message", [
     ("gguf:Q4_X", "Q4_X"), ("gguf:Q4_K_M:magic", "unknown GGUF method"), ("rtn:4:128@onnx", "unknown export format"),
-    ("gguf:Q4_K_M:gptq:x", "gguf:TYPE[:METHOD]")])
+    ("gguf:Q4_K_M:gptq:x", "gguf:TYPE[:METHOD[:plan]]")])
 def test_bad_configs_are_one_line_errors(bad, message, capsys):
     assert main(["compare", "--configs", bad]) == 2
     err = capsys.readouterr().err.strip()

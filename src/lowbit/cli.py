@@ -347,6 +347,8 @@ def run(
     ppl_jump: float = typer.Option(0.25, "--ppl-jump", help="Relative PPL rise that means fix the calibration "
                                    "or the method."),
     max_task_drop: float = typer.Option(0.02, "--max-task-drop", help="Task accuracy drop (fraction) that still ships."),
+    with_plan: bool = typer.Option(False, "--plan", help="llama.cpp target: also a planned per-tensor mix at each "
+                                   "rung's stock size, with the same calibrated method (lowbit plan)."),
     output: Path = typer.Option(..., "-o", "--output", help="Run folder (resumed when it holds the same run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder with other settings."),
     device: str = DeviceOpt,
@@ -370,7 +372,7 @@ def run(
     model_dir = resolve_model(model)
     th = Thresholds(max_ppl_rise=max_ppl_rise, ppl_jump=ppl_jump, max_task_drop=max_task_drop)
     cfg = RunConfig(model_dir, target, output, (calib_text, calib_samples, calib_seqlen, seed, calib_mode), settings,
-                    None if ood_text == "none" else ood_text, thresholds=th, method=method)
+                    None if ood_text == "none" else ood_text, thresholds=th, method=method, plan=with_plan)
     command = "lowbit run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else ""
     results = run_job(cfg, lambda: _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode),
                       overwrite, command)

@@ -5,6 +5,7 @@
     gguf:Q4_K_M                                   llama.cpp's mix and llama.cpp's own block search
     gguf:Q4_K_M:imatrix                           ... weighted by an importance matrix from the calibration text
     gguf:Q4_K_M:gptq  gguf:Q5_K_M:awq-gptq        ... each tensor landed on its block grid by a calibrated method
+    gguf:Q4_K_M:imatrix:plan                      lowbit plan's per-tensor mix at the Q4_K_M file's exact size
 
 Building a candidate writes the real file and returns its path and the
 quantization time; scoring then reads it back from disk, like a user would.
@@ -36,9 +37,12 @@ class Candidate:
     file_type: str | None = None  # gguf
     method: str = "rtn"  # gguf: one of GGUF_CANDIDATE_METHODS
     fmt: str | None = None  # hf
+    plan: bool = False  # gguf: lowbit plan's mix at the size of file_type's stock mix
 
     @property
     def needs_calibration(self) -> bool:
+        if self.plan:
+            return True
         if self.kind == "gguf":
             return self.method != "rtn"
         return METHODS[self.qcfg.method].needs_calibration
@@ -70,13 +74,14 @@ def _parse_gguf(text: str) -> Candidate:
     from lowbit.quant.gguf_mix import parse_file_type
 
     parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise LowbitError(f"config {text!r}: a GGUF config is gguf:TYPE[:METHOD], e.g. gguf:Q4_K_M:gptq")
-    method = parts[2] if len(parts) == 3 else "rtn"
+    plan = len(parts) == 4 and parts[3] == "plan"
+    if len(parts) not in (2, 3) and not plan:
+        raise LowbitError(f"config {text!r}: a GGUF config is gguf:TYPE[:METHOD[:plan]], e.g. gguf:Q4_K_M:gptq")
+    method = parts[2] if len(parts) >= 3 else "rtn"
     if method not in GGUF_CANDIDATE_METHODS:
         raise LowbitError(f"config {text!r}: unknown GGUF method {method!r}; use one of "
                           f"{', '.join(GGUF_CANDIDATE_METHODS)}")
-    return Candidate(text, "gguf", file_type=parse_file_type(parts[1]), method=method)
+    return Candidate(text, "gguf", file_type=parse_file_type(parts[1]), method=method, plan=plan)
 
 
 def parse_candidates(configs: str) -> list[Candidate]:
@@ -109,7 +114,14 @@ def build_candidate(cand: Candidate, ctx: BuildContext, out: Path,
                     after_layer: Callable[[int], None] | None = None) -> float:
     """Write `cand`'s artifact at `out` (atomically, resumable per layer); return the seconds it took."""
     t0 = time.perf_counter()
-    if cand.kind == "gguf":
+    if cand.plan:
+        from lowbit.pipeline.plan import plan_at_size
+
+        if ctx.calib is None:
+            raise LowbitError(f"{cand.text}: a plan needs calibration text; pass --calib-text FILE")
+        plan_at_size(ctx.model_dir, cand.file_type, cand.method, ctx.calib,
+                     ctx.imatrix() if cand.method != "rtn" else None, out)
+    elif cand.kind == "gguf":
         from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
 
         method = "rtn" if cand.method == "imatrix" else cand.method

@@ -158,21 +158,14 @@ def make_plan(model_dir: Path, budget: Budget, settings: PlanSettings, out_dir: 
     from lowbit.calib.text import resolve_text
     from lowbit.eval.data import load_tokenizer
     from lowbit.plan import search
-    from lowbit.plan.fisher import diagonal_fisher, fisher_key
-    from lowbit.plan.sensitivity import CANDIDATES, cost_table
     from lowbit.report.progress import info
 
     folder = ModelFolder(model_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = build_calibration(load_tokenizer(model_dir), resolve_text(settings.calib_text, "wiki-calib"),
                               settings.calib, folder.spec.max_position_embeddings)
-    work = plan_cache() / fisher_key(model_dir, calib)  # shared: re-planning to another budget is free
     imatrix = compute_imatrix(model_dir, calib) if settings.method != "rtn" else None
-    fisher = diagonal_fisher(model_dir, calib, work)
-    allowed = tuple(settings.types) or CANDIDATES
-    table = cost_table(folder, fisher, imatrix if settings.method != "rtn" else None,
-                       work / f"costs-{settings.method}.json", allowed)
-    fixed = _fixed_bytes(folder)
+    table, fixed = price_list(model_dir, calib, imatrix, settings.method, settings.types)
     frontier = [(b + fixed, c) for b, c in search.frontier(table)]
     session = _session(model_dir, settings)
     rounds: list[dict] = []
@@ -186,11 +179,7 @@ def make_plan(model_dir: Path, budget: Budget, settings: PlanSettings, out_dir: 
             choice = search.within_bytes(table, byte_budget - fixed)
         else:
             choice = search.within_cost(table, target_cost)
-        types = {_gguf(n): o.qtype for n, o in choice.items()}
-        planned = search.total_bytes(choice) + fixed
-        recipe = {"lowbit_recipe": RECIPE_VERSION, "target": "gguf", "model": str(model_dir),
-                  "method": settings.method, "file_type": nearest_file_type(folder, planned), "calib": calib_doc,
-                  "tensor_types": types}
+        recipe = recipe_for(folder, choice, fixed, settings.method, calib_doc)
         quantize_recipe(model_dir, recipe, gguf, overwrite=True, calib=calib, imatrix=imatrix)
         measured = _measure(session, gguf, settings)
         estimate = search.total_cost(choice)
@@ -207,6 +196,64 @@ def make_plan(model_dir: Path, budget: Budget, settings: PlanSettings, out_dir: 
     with atomic_file(out_dir / "recipe.json") as tmp:
         tmp.write_text(json.dumps(recipe, indent=1) + "\n")
     return PlanResult(recipe, gguf, rounds)
+
+
+def price_list(model_dir: Path, calib: CalibSet, imatrix, method: str, types: tuple[str, ...] = ()):
+    """(tensor -> options, bytes the plan does not choose): the Fisher and the price list, cached."""
+    from lowbit.plan.fisher import diagonal_fisher, fisher_key
+    from lowbit.plan.sensitivity import CANDIDATES, cost_table
+
+    folder = ModelFolder(model_dir)
+    work = plan_cache() / fisher_key(model_dir, calib)  # shared: re-planning to another budget is free
+    fisher = diagonal_fisher(model_dir, calib, work)
+    table = cost_table(folder, fisher, imatrix if method != "rtn" else None, work / f"costs-{method}.json",
+                       tuple(types) or CANDIDATES)
+    return table, _fixed_bytes(folder)
+
+
+def recipe_for(folder: ModelFolder, choice: dict, fixed: int, method: str, calib_doc: dict) -> dict:
+    from lowbit.plan import search
+
+    planned = search.total_bytes(choice) + fixed
+    return {"lowbit_recipe": RECIPE_VERSION, "target": "gguf", "model": str(folder.path), "method": method,
+            "file_type": nearest_file_type(folder, planned), "calib": calib_doc,
+            "tensor_types": {_gguf(n): o.qtype for n, o in choice.items()}}
+
+
+def plan_at_size(model_dir: Path, file_type: str, method: str, calib: CalibSet, imatrix, out: Path) -> dict:
+    """The planned mix at the exact size of llama.cpp's `file_type` file, written at `out` with its recipe
+    (and frontier) beside it as OUT.recipe.json: the `gguf:TYPE:METHOD:plan` candidate of compare and run.
+    Measuring it is the caller's (the candidate is scored like any other)."""
+    from lowbit.plan import search
+    from lowbit.plan.weights import WeightRequest, weight_bytes
+
+    folder = ModelFolder(model_dir)
+    size = weight_bytes(folder.config, WeightRequest("gguf", file_type), model_dir).file
+    table, fixed = price_list(model_dir, calib, imatrix, method)
+    choice = search.within_bytes(table, size - fixed)
+    calib_doc = {"text": calib.summary.get("file"), "samples": calib.summary["samples"],
+                 "seqlen": calib.summary["seqlen"], "seed": calib.summary["seed"], "mode": calib.summary["mode"]}
+    recipe = recipe_for(folder, choice, fixed, method, calib_doc)
+    quantize_recipe(model_dir, recipe, out, overwrite=True, calib=calib, imatrix=imatrix)
+    recipe["plan"] = {"budget": {"size": size, "stock": file_type}, "estimated_kld": search.total_cost(choice),
+                      "stock_estimated_kld": _stock_cost(folder, table, file_type, imatrix is not None),
+                      "frontier": [{"bytes": b + fixed, "estimated_kld": c} for b, c in search.frontier(table)]}
+    with atomic_file(recipe_path(out)) as tmp:
+        tmp.write_text(json.dumps(recipe, indent=1) + "\n")
+    return recipe
+
+
+def recipe_path(gguf: Path) -> Path:
+    return gguf.with_name(gguf.stem + ".recipe.json")
+
+
+def _stock_cost(folder: ModelFolder, table: dict, file_type: str, has_imatrix: bool) -> float | None:
+    """The same estimate for the stock mix (None when it uses a type the plan did not price)."""
+    from lowbit.quant.gguf_pipeline import GGUFConfig, plan_types
+
+    types = plan_types(folder, GGUFConfig(file_type), has_imatrix)
+    costs = [next((o.cost for o in table[n] if o.qtype == types[n]), None) for n in table]
+    return None if any(c is None for c in costs) else sum(costs)
 
 
 def plan_cache() -> Path:

@@ -60,19 +60,25 @@ class RunConfig:
     thresholds: Thresholds = Thresholds()
     method: str = BEST_GGUF_METHOD
     layer_windows: int = 4
+    plan: bool = False  # llama.cpp: each K-quant rung also gets lowbit plan's mix at its stock size
 
     def __post_init__(self) -> None:
         if self.target not in LADDERS:
             raise LowbitError(f"--target {self.target!r}: choose one of {', '.join(LADDERS)}")
+        if self.plan and self.target != "llama.cpp":
+            raise LowbitError(f"--plan: plans are per-tensor GGUF mixes; use it with --target llama.cpp")
 
     def ladder(self) -> list[list[Candidate]]:
-        return [[parse_candidate(c.format(best=self.method)) for c in rung] for rung in LADDERS[self.target]]
+        rungs = [[c.format(best=self.method) for c in rung] for rung in LADDERS[self.target]]
+        if self.plan:
+            rungs = [rung + [f"{rung[-1]}:plan"] if len(rung[-1].split(":")) == 3 else rung for rung in rungs]
+        return [[parse_candidate(c) for c in rung] for rung in rungs]
 
     def key(self) -> str:
         """What the measurements depend on; a run directory holds one key."""
         d = {"model": folder_fingerprint(self.model_dir), "target": self.target, "calib": list(map(str, self.calib_args)),
              "settings": asdict(self.settings), "ood": [self.ood_text, self.ood_windows], "method": self.method,
-             "layer_windows": self.layer_windows}
+             "layer_windows": self.layer_windows, **({"plan": True} if self.plan else {})}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -131,10 +137,24 @@ def measure_candidate(st: RunState, cand: Candidate) -> dict:
                       "kld_mean": o.kld_mean, "kld_p99": o.kld_p99, "top1": o.top1, "n_tokens": o.n_tokens}
     row["per_layer"] = _layer_errors(st, path)
     row["path"] = str(path.relative_to(st.cfg.out))
+    if cand.plan:
+        row["plan"] = _plan_summary(path, st.cfg.out)
     _write_json(saved, row)
     info(f"{cand.label}: KLD {row['kld_mean']:.4f}, PPL {row['ppl']:.3f}, {row['size_bytes'] / 1e6:.1f} MB, "
          f"{seconds:.0f} s to build")
     return row
+
+
+def _plan_summary(gguf: Path, out: Path) -> dict:
+    """What the report shows of a planned candidate: its types, estimates and the frontier it cut."""
+    from lowbit.pipeline.plan import recipe_path
+
+    recipe = json.loads(recipe_path(gguf).read_text())
+    plan = recipe["plan"]
+    return {"recipe": str(recipe_path(gguf).relative_to(out)), "tensor_types": recipe["tensor_types"],
+            "stock": plan["budget"]["stock"], "budget_bytes": plan["budget"]["size"],
+            "estimated_kld": plan["estimated_kld"], "stock_estimated_kld": plan["stock_estimated_kld"],
+            "frontier": plan["frontier"]}
 
 
 def _layer_errors(st: RunState, path: Path) -> list[dict]:
@@ -214,7 +234,8 @@ def export_choice(st: RunState, verdict: Verdict) -> list[dict]:
     export.mkdir(exist_ok=True)
     name = st.cfg.model_dir.name.lower().replace("_", "-")
     if src.suffix == ".gguf":
-        ft = verdict.choice.split(":")[1]
+        parts = verdict.choice.split(":")
+        ft = parts[1] + ("-plan" if parts[-1] == "plan" else "")
         dst = export / f"{st.cfg.model_dir.name}-{ft}.gguf"
         _copy_atomic(src, dst)
         modelfile = _modelfile(src, dst)

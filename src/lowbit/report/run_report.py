@@ -582,6 +582,9 @@ def render_markdown(rep: Report, plots: dict[str, bytes]) -> str:
             out += ["![Size vs task accuracy](report_tasks.png)", ""]
     if "report_layers.png" in plots:
         out += ["## Per-layer error", "", _layers_note(), "", "![Per-layer error](report_layers.png)", ""]
+    for r in rep.rows:
+        if r.get("plan"):
+            out += _md_plan(r)
     if rep.exports:
         out += ["## Exports", ""]
         for e in rep.exports:
@@ -589,6 +592,39 @@ def render_markdown(rep: Report, plots: dict[str, bytes]) -> str:
     if rep.commands:
         out += ["## Reproduce", "", "```sh", *rep.commands, "```", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _md_plan(row: dict) -> list[str]:
+    """A planned candidate: the type chosen for every tensor and the frontier of sizes the plan cut."""
+    from collections import Counter
+
+    plan = row["plan"]
+    counts = Counter(plan["tensor_types"].values())
+    stock = plan.get("stock_estimated_kld")
+    out = [f"## Plan: `{row['config']}`", "",
+           f"Per-tensor types chosen by `lowbit plan` within the {plan['stock']} file's "
+           f"{plan['budget_bytes'] / 1e6:.2f} MB (recipe `{plan['recipe']}`). Estimated KLD on the calibration "
+           f"text {plan['estimated_kld']:.4g}" + (f" against {stock:.4g} for the stock mix" if stock else "")
+           + f"; measured above. Types: {', '.join(f'{t} x{n}' for t, n in sorted(counts.items()))}.", "",
+           "| MB | estimated KLD |", "|---:|---:|"]
+    out += [f"| {p['bytes'] / 1e6:.2f} | {p['estimated_kld']:.4g} |" for p in plan["frontier"]]
+    out += ["", "<details><summary>Type of every tensor</summary>", "", "| tensor | type |", "|---|---|"]
+    out += [f"| {n} | {t} |" for n, t in plan["tensor_types"].items()]
+    out += ["", "</details>", ""]
+    return out
+
+
+def _html_plan(row: dict) -> list[str]:
+    plan = row["plan"]
+    intro, *_ = _md_plan(row)[2:3]
+    o = [f"<h2>Plan: <code>{_e(row['config'])}</code></h2>", f'<p class="plan">{_e(intro)}</p>',
+         '<div class="card scroll"><table class="frontier"><thead><tr><th>MB</th><th>estimated KLD</th></tr></thead><tbody>']
+    o += [f"<tr><td>{p['bytes'] / 1e6:.2f}</td><td>{p['estimated_kld']:.4g}</td></tr>" for p in plan["frontier"]]
+    o += ["</tbody></table></div>", "<details><summary>Type of every tensor</summary>",
+          '<table class="plan-types"><tbody>']
+    o += [f"<tr><td>{_e(n)}</td><td>{_e(t)}</td></tr>" for n, t in plan["tensor_types"].items()]
+    o += ["</tbody></table></details>"]
+    return o
 
 
 def _table_note(rep: Report) -> str:
@@ -752,6 +788,9 @@ def render_html(rep: Report, plots: dict[str, bytes]) -> str:
         o += ["<h2>Per-layer error</h2>", '<figure class="card">'
               + _img(plots["report_layers.png"], "Per-layer error", "plot-layers")
               + f"<figcaption>{_e(_layers_note())}</figcaption></figure>"]
+    for r in rep.rows:
+        if r.get("plan"):
+            o += _html_plan(r)
     if rep.exports:
         o += ["<h2>Exports</h2>", '<ul class="exports">']
         for e in rep.exports:
