@@ -29,7 +29,7 @@ from gguf_raw import read_gguf
 
 from lowbit.errors import LowbitError
 from lowbit.eval.metrics import token_kld
-from lowbit.formats.gguf import hf_folder_to_gguf, open_gguf
+from lowbit.formats.gguf import hf_folder_to_gguf
 from lowbit.model.arch import ARCHS
 from lowbit.model.forward import FolderWeights, iter_logits
 from lowbit.model.hf import ModelFolder

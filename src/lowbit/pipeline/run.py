@@ -66,7 +66,7 @@ class RunConfig:
         if self.target not in LADDERS:
             raise LowbitError(f"--target {self.target!r}: choose one of {', '.join(LADDERS)}")
         if self.plan and self.target != "llama.cpp":
-            raise LowbitError(f"--plan: plans are per-tensor GGUF mixes; use it with --target llama.cpp")
+            raise LowbitError("--plan: plans are per-tensor GGUF mixes; use it with --target llama.cpp")
 
     def ladder(self) -> list[list[Candidate]]:
         rungs = [[c.format(best=self.method) for c in rung] for rung in LADDERS[self.target]]
