@@ -196,3 +196,19 @@ def np_isfinite(row) -> bool:
     import numpy as np
 
     return bool(np.isfinite(np.asarray(row)).all())
+
+
+def test_gpu_budget_fits_weights_kv_and_buffers(small_model_dir: Path, tmp_path: Path) -> None:
+    """--gpu: a card sized so that about 30 MB is left for weights after the CUDA context, llama.cpp's KV
+    cache at --ctx and its buffers; the planned file takes no more than that room."""
+    from lowbit.plan.memory import CUDA_CONTEXT, MiB, llamacpp_compute_bytes, llamacpp_kv_bytes
+
+    spec = ModelFolder(small_model_dir).spec
+    kv, buffers = llamacpp_kv_bytes(spec, 512, 2, "q8_0"), llamacpp_compute_bytes(spec, 512, 2)
+    card_mib = (CUDA_CONTEXT + kv + buffers + 30_000_000) // MiB
+    out = tmp_path / "gpu"
+    assert main(["plan", str(small_model_dir), "--gpu", f"{card_mib}MiB", "--ctx", "512", "--batch", "2",
+                 "--kv-type", "q8_0", "--method", "rtn", *FAST, "--ood-text", "none", "-o", str(out)]) == 0
+    size = (out / "plan.gguf").stat().st_size
+    assert size + kv + buffers + CUDA_CONTEXT <= card_mib * MiB
+    assert size > 25_000_000  # the room was used, not left empty
