@@ -163,7 +163,7 @@ def test_max_kld_plan_is_smaller_than_every_stock_type_that_meets_it(model_dir: 
     assert meeting and all(planned.stat().st_size < size for size in meeting.values())
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama3", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_plan_on_other_families(name: str, tmp_path: Path) -> None:
     """Llama 3 (untied head, rope_freqs) and Qwen2 (tied, q/k/v biases): the plan meets its size, every
     quantizable tensor gets a planned type, the biases stay F32, and llama.cpp loads the file."""
@@ -175,7 +175,9 @@ def test_plan_on_other_families(name: str, tmp_path: Path) -> None:
     src = build_family_model(name, tmp_path / name)
     q4 = weight_bytes(json.loads((src / "config.json").read_text()), WeightRequest("gguf", "Q4_K_M"), src).file
     out = tmp_path / "plan"
-    assert main(["plan", str(src), "--size", str(q4), "--method", "rtn", "--calib-samples", "2",
+    # Three types keep the pricing of the 128K/152K-row embedding and head short; the choice still binds.
+    assert main(["plan", str(src), "--size", str(q4), "--method", "rtn", "--types", "Q4_K,Q6_K,Q8_0",
+                 "--calib-samples", "2",
                  "--calib-seqlen", "64", "--windows", "2", "--eval-ctx", "64", "--ood-text", "none",
                  "-o", str(out)]) == 0
     recipe = json.loads((out / "recipe.json").read_text())
