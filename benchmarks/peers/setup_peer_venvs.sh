@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create the isolated venvs used by the peer quantizer scripts in this folder.
 #
-#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|vllm|all]   (default: all; vllm only by name)
+#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|vllm|hqq|bnb|all]   (default: all; vllm, hqq, bnb only by name)
 #
 # Venvs live in benchmarks/.venvs/<name> (git-ignored). Each is skipped when its
 # stamp file (.lowbit-stamp) exists; delete the venv folder to rebuild it.
@@ -75,10 +75,45 @@ PY
     echo "vllm venv ready: $v"
 }
 
+setup_hqq() {
+    local v="$VENVS/hqq"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "hqq venv ready: $v"; return; fi
+    v="$(mkvenv hqq)"
+    # hqq 0.2.8.post1: the reference half-quadratic quantizer (benchmarks/peers/hqq_quantize.py).
+    "$v/bin/python" -m pip install -q "$TORCH" "hqq==0.2.8.post1" "transformers==5.24.0" safetensors numpy
+    "$v/bin/python" - <<'PY'
+import torch, hqq, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+from hqq.core.quantize import Quantizer
+print("torch", torch.__version__, "hqq", getattr(hqq, "__version__", "?"), "transformers", transformers.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "hqq venv ready: $v"
+}
+
+setup_bnb() {
+    local v="$VENVS/bnb"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "bnb venv ready: $v"; return; fi
+    v="$(mkvenv bnb)"
+    # transformers + bitsandbytes 0.50.2: the real consumer of lowbit's --format bnb folders and the
+    # reference NF4/INT8 quantizer (quantize on load) for the benchmark.
+    "$v/bin/python" -m pip install -q "$TORCH" "bitsandbytes==0.50.2" "transformers==5.24.0" "accelerate==1.16.0" \
+        safetensors numpy
+    "$v/bin/python" - <<'PY'
+import torch, bitsandbytes, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+print("torch", torch.__version__, "bitsandbytes", bitsandbytes.__version__, "transformers", transformers.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "bnb venv ready: $v"
+}
+
 case "$WHICH" in
     llmcompressor) setup_llmcompressor ;;
     gptqmodel) setup_gptqmodel ;;
     vllm) setup_vllm ;;
+    hqq) setup_hqq ;;
+    bnb) setup_bnb ;;
     all) setup_llmcompressor; setup_gptqmodel ;;
-    *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|hqq|bnb|all]" >&2; exit 2 ;;
 esac

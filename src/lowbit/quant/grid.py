@@ -157,9 +157,9 @@ def fit_scale_zero(
         wmin = w.amin(dim=-1).clamp(max=0) * clip
         wmax = w.amax(dim=-1).clamp(min=0) * clip
         scale = (wmax - wmin) / cfg.qmax
-        scale = _fp16_nonzero(scale)
+        scale = fp16_nonzero(scale)
         zero = torch.clamp(torch.round(-wmin / scale), 0, cfg.qmax)
-    return _fp16_nonzero(scale), zero
+    return fp16_nonzero(scale), zero
 
 
 def fit_scale_zero_mse(w: torch.Tensor, cfg: GridConfig, importance: torch.Tensor | None = None,
@@ -181,7 +181,7 @@ def fit_scale_zero_mse(w: torch.Tensor, cfg: GridConfig, importance: torch.Tenso
     return best_s, best_z
 
 
-def _fp16_nonzero(scale: torch.Tensor) -> torch.Tensor:
+def fp16_nonzero(scale: torch.Tensor) -> torch.Tensor:
     """Round to float16 and replace zero scales (all-zero groups) by 1 so division is safe."""
     s = scale.clamp(-65504.0, 65504.0).half().float()
     return torch.where(s == 0, torch.ones_like(s), s)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant import awq, gptq, rtn
+from lowbit.quant import awq, gptq, hqq, rtn
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 QuantizeFn = Callable[[torch.Tensor, object, GridConfig, str, "QuantConfig"], QuantizedTensor]
@@ -53,6 +53,10 @@ def _gptq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg
     return gptq.quantize_layer(weight, hessian, grid, name, gptq=opts)
 
 
+def _hqq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
+    return hqq.quantize_layer(weight, stats, grid, name)
+
+
 def _awq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
     return awq.quantize_layer(weight, stats, grid, name)
 
@@ -61,6 +65,7 @@ METHODS: dict[str, Method] = {
     "rtn": Method(_rtn),
     "gptq": Method(_gptq, needs_calibration=True, hessian=True, joint=True),
     "awq": Method(_awq, needs_calibration=True, hessian=True, activations=True, smooth=awq.smooth_block),
+    "hqq": Method(_hqq),
 }
 
 

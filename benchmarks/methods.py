@@ -1,0 +1,121 @@
+"""The seeds' other methods side by side with their reference packages: one model, one run, two texts.
+
+    python benchmarks/methods.py [--bits 4,3,2] [--group 64] [--windows 16]
+
+Each contender quantizes in its own process (wall time and peak RSS measured there); every row is scored by
+lowbit's forward pass and KLD code against the same cached FP reference, on held-out Wikipedia and on Botchan
+(out of domain). Peers run in their own venvs (benchmarks/peers/setup_peer_venvs.sh NAME) and hand back
+dequantized float32 weights. Sections:
+
+  * hqq: lowbit `hqq:B:G:asym` (integer zeros, exportable) and `rtn:B:G:asym` against the hqq package
+    (float zeros, its own pickle format only), B in --bits.
+
+Writes benchmarks/results/<name>.json and .md, rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+
+from calibrated import ensure_peer_venv  # noqa: E402
+from run import run_child  # noqa: E402
+
+from lowbit.eval.compare import EvalSettings, open_session  # noqa: E402
+from lowbit.model.default import cache_dir, resolve_model  # noqa: E402
+from lowbit.model.forward import FolderWeights  # noqa: E402
+from lowbit.model.hf import ModelFolder  # noqa: E402
+
+TEXTS = ("wiki", "botchan")
+
+
+def score_all(sessions: dict, source, label: str, bpw: float, size: int, wall: float, rss: float, **extra) -> dict:
+    row = {"contender": label, "bpw": round(bpw, 4), "size_bytes": size, "quantize_s": round(wall, 1),
+           "peak_rss_mib": round(rss, 1), **extra}
+    for text, session in sessions.items():
+        r = session.score(source, label, bpw, size, wall)
+        row[text] = {"ppl": r.ppl, "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1": r.top1}
+    return row
+
+
+def lowbit_row(sessions: dict, model_dir: Path, config: str, work: Path) -> dict:
+    from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
+
+    out = work / config.replace(":", "_")
+    wall, rss = run_child(sys.executable, HERE / "quantize_one.py", [str(model_dir), config, str(out)])
+    ck = LowbitCheckpoint(out)
+    return score_all(sessions, ck, f"lowbit {config}", ck.meta["stats"]["bpw"], ck.size_bytes(), wall, rss,
+                     tool="lowbit")
+
+
+def hqq_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, work: Path) -> dict:
+    out = work / f"hqq-{bits}-{group}"
+    wall, rss = run_child(str(ensure_peer_venv("hqq")), HERE / "peers" / "hqq_quantize.py",
+                          ["--model", str(model_dir), "--out", str(out), "--bits", str(bits),
+                           "--group-size", str(group)])
+    info = json.loads((out / "peer.json").read_text())
+    bpw = bits + 2 * 16 / group  # hqq keeps a 16-bit scale and a 16-bit float zero per group
+    return score_all(sessions, FolderWeights(ModelFolder(out / "dequantized")), f"hqq {bits}:{group}", bpw, 0,
+                     info["quantize_wall_s"], rss, tool="hqq", version=info["versions"]["hqq"],
+                     process_s=round(wall, 1))
+
+
+def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    md = [f"# {path.stem}", "",
+          f"Model {meta['model']}; {meta['windows']} windows x 512 tokens of held-out Wikipedia and of Botchan "
+          f"(out of domain); {meta['cpus']} CPUs; {meta['date']}. Every row scored by lowbit's forward pass "
+          "against one FP reference per text. bpw counts codes, scales and zero points of the quantized linears.",
+          "", "| contender | bpw | wiki KLD | wiki p99 | wiki top-1 | wiki PPL | Botchan KLD | Botchan top-1 | "
+          "quantize s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        w, b = r["wiki"], r["botchan"]
+        md.append(f"| {r['contender']} | {r['bpw']:.3f} | {w['kld_mean']:.4f} | {w['kld_p99']:.3f} | "
+                  f"{w['top1']:.4f} | {w['ppl']:.3f} | {b['kld_mean']:.4f} | {b['top1']:.4f} | "
+                  f"{r['quantize_s']} | {r['peak_rss_mib']} |")
+    path.with_suffix(".md").write_text("\n".join(md) + "\n" + meta.get("notes", ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--sections", default="hqq")
+    ap.add_argument("--bits", default="4,3,2")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--name", default="methods")
+    args = ap.parse_args()
+    model_dir = resolve_model(args.model)
+    sessions = {t: open_session(model_dir, EvalSettings(t, 512, args.windows)) for t in TEXTS}
+    meta = {"model": model_dir.name, "windows": args.windows, "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"), "notes": ""}
+    results = HERE / "results" / args.name
+    results.parent.mkdir(exist_ok=True)
+    rows: list[dict] = []
+    bits = [int(b) for b in args.bits.split(",")]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        work = Path(tmp)
+        if "hqq" in args.sections.split(","):
+            for b in bits:
+                for cfg in (f"rtn:{b}:{args.group}:asym", f"hqq:{b}:{args.group}:asym"):
+                    rows.append(lowbit_row(sessions, model_dir, cfg, work))
+                    write_results(results, meta, rows)
+                rows.append(hqq_peer_row(sessions, model_dir, b, args.group, work))
+                write_results(results, meta, rows)
+                print(f"done hqq {b}-bit", file=sys.stderr, flush=True)
+    write_results(results, meta, rows)
+    print(results.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
