@@ -163,7 +163,7 @@ def synthetic_section(work: Path, args, calib_cfg) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# gpu\n", f"{res['device_name']}; torch {res['torch']}; {res['date']}.\n"]
+    lines = ["# gpu\n", f"{res['device_name']}; torch {res['torch']}; {res['date']}.\n"]
     r = res.get("real")
     if r:
         lines += [f"## Real model ({r['model']}, layers: {r['layers']})\n",

@@ -272,7 +272,7 @@ def section_calibrated(work: Path, runs: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# scale\n", f"{res['machine']}; {res['date']}{' (smoke shapes)' if res['smoke'] else ''}.\n",
+    lines = ["# scale\n", f"{res['machine']}; {res['date']}{' (smoke shapes)' if res['smoke'] else ''}.\n",
              "Memory is the peak PSS summed over each command's process tree (lowbit's workers included).\n"]
     s = res.get("8b")
     if s and "skipped" not in s:

@@ -47,3 +47,94 @@ def test_hqq_reference_equals_the_package(model_dir: Path, tmp_path: Path, bits:
         assert torch.equal(q, theirs[f"{name}.codes"].reshape(q.shape)), name
         assert torch.equal(zero, theirs[f"{name}.zero"].reshape(zero.shape)), name
         assert torch.equal(scale, theirs[f"{name}.scale"].reshape(scale.shape)), name
+
+
+# ---------------------------------------------------------------- bitsandbytes NF4 and INT8
+
+
+@pytest.fixture(scope="module")
+def bnb_folders(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.text import default_calib_text
+    from lowbit.eval.data import load_tokenizer
+    from lowbit.quant.bnb_pipeline import BnbConfig, quantize_to_bnb
+
+    root = tmp_path_factory.mktemp("bnb")
+    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(8, 256, seed=0))
+    out = {}
+    for kind, method in (("nf4", "rtn"), ("nf4", "gptq"), ("int8", "rtn"), ("int8", "gptq")):
+        out[f"{kind}-{method}"] = root / f"{kind}-{method}"
+        quantize_to_bnb(model_dir, BnbConfig(kind, method), out[f"{kind}-{method}"],
+                        calib=calib if method == "gptq" else None)
+    return out
+
+
+@pytest.mark.parametrize("which", ["nf4-rtn", "nf4-gptq", "int8-rtn", "int8-gptq"])
+def test_transformers_bitsandbytes_loads_lowbit_folders(bnb_folders, session, tmp_path: Path, which: str) -> None:
+    """transformers + bitsandbytes 0.50.2 load the folder with no missing or unexpected keys; every quantized
+    weight it dequantizes equals lowbit's reader bit for bit; NF4 logits match lowbit's float32 forward
+    (KLD < 1e-3). INT8 runs LLM.int8's int8 activations, so its logits are only required to stay close."""
+    from lowbit.eval.metrics import token_kld
+    from lowbit.formats.bnb import BnbWeights
+    from lowbit.model.forward import iter_logits
+
+    tokens = session.windows.tokens[:2]
+    save_file({"tokens": tokens.contiguous()}, tmp_path / "tokens.safetensors")
+    run = subprocess.run([str(venv_python("bnb")), str(ROOT / "tests" / "consumers" / "bnb_load.py"),
+                          str(bnb_folders[which]), str(tmp_path / "tokens.safetensors"), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "missing" not in log.lower() and "unexpected" not in log.lower(), log[-2000:]
+    theirs = load_file(tmp_path / "out.safetensors")
+    ours = BnbWeights(bnb_folders[which])
+    assert sorted(k for k in theirs if k != "logits") == sorted(ours.quantized_names)
+    for name in ours.quantized_names:
+        assert torch.equal(theirs[name], ours.tensor(name)), name
+    mine = torch.stack([lg for _, lg in iter_logits(ours, tokens)])
+    vocab = mine.shape[-1]
+    kld = token_kld(torch.log_softmax(mine.reshape(-1, vocab), -1), theirs["logits"].reshape(-1, vocab)).mean().item()
+    print(f"\n{which}: KLD lowbit forward vs transformers+bitsandbytes {kld:.2e}")
+    assert kld < (1e-3 if which.startswith("nf4") else 0.05)
+
+
+def test_lowbit_rtn_is_bitsandbytes_own_quantizer(bnb_folders, model_dir: Path, tmp_path: Path) -> None:
+    """bitsandbytes quantizes the same model on load and saves it (before any forward); lowbit's rtn folders
+    must hold the same bytes: INT8 all of them; NF4 every weight code, offset, nested absmax and map. The 8-bit
+    absmax codes may differ where bitsandbytes' C lookup does not return the nearest map entry: there
+    lowbit's entry must be the nearer one, and such blocks must stay under 0.5%."""
+    from lowbit.model.hf import ModelFolder
+    from lowbit.quant import nf4
+
+    folder = ModelFolder(model_dir)
+    script = tmp_path / "save.py"
+    script.write_text(
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM, BitsAndBytesConfig\n"
+        "src, dst, kind = sys.argv[1:4]\n"
+        "q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, "
+        "bnb_4bit_compute_dtype=torch.float32) if kind == 'nf4' else BitsAndBytesConfig(load_in_8bit=True)\n"
+        "AutoModelForCausalLM.from_pretrained(src, quantization_config=q, dtype=torch.float32, "
+        "device_map='cpu').save_pretrained(dst)\n")
+    for kind in ("int8", "nf4"):
+        subprocess.run([str(venv_python("bnb")), str(script), str(model_dir), str(tmp_path / kind), kind], check=True,
+                       capture_output=True)
+        ref = load_file(tmp_path / kind / "model.safetensors")
+        ours = load_file(bnb_folders[f"{kind}-rtn"] / "model.safetensors")
+        assert sorted(ref) == sorted(ours)
+        off = total = 0
+        for name in ref:
+            if kind == "nf4" and name.endswith(".weight.absmax"):
+                differ = ref[name] != ours[name]
+                off += int(differ.sum())
+                total += ref[name].numel()
+                absmax = nf4.block_absmax(folder.get(name.removesuffix(".absmax")))
+                centred = absmax - absmax.mean()
+                nested = ours[name.replace(".absmax", ".nested_absmax")].repeat_interleave(nf4.NESTED_BLOCK)
+                x = torch.clamp(centred * (1 / nested[:centred.numel()]), -1, 1)
+                qmap = ours[name.replace(".absmax", ".nested_quant_map")]
+                assert bool(((x - qmap[ours[name].long()]).abs() <= (x - qmap[ref[name].long()]).abs()).all()), name
+            else:
+                assert ref[name].dtype == ours[name].dtype and torch.equal(ref[name], ours[name]), name
+        if kind == "nf4":
+            print(f"\nNF4 absmax codes differing from bitsandbytes': {off} of {total}")
+            assert off < 0.005 * total

@@ -112,7 +112,8 @@ def quantize(
     output: Path = typer.Option(..., "-o", "--output", help="Output checkpoint folder (or .gguf file)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     no_measure: bool = NoMeasureOpt,
-    fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq or awq."),
+    fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq, awq or bnb "
+                            "(bitsandbytes: --bits 4 is NF4 with double quant, --bits 8 LLM.int8; --method rtn|gptq)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
@@ -137,6 +138,10 @@ def quantize(
     if fmt == "gguf":
         _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
+        return
+    if fmt == "bnb":
+        _quantize_bnb(model, method, bits, act_order, damp, output, overwrite,
+                      (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
@@ -189,6 +194,27 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
+
+
+def _quantize_bnb(model, method, bits, act_order, damp, output, overwrite, calib_args) -> None:
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.model.default import resolve_model
+    from lowbit.model.hf import ModelFolder
+    from lowbit.quant.bnb_pipeline import BnbConfig, check_shapes, quantize_to_bnb
+    from lowbit.report.progress import info
+
+    kinds = {4: "nf4", 8: "int8"}
+    if bits not in kinds:
+        raise LowbitError(f"--format bnb --bits {bits}: bitsandbytes files hold 4-bit NF4 or 8-bit LLM.int8; "
+                          "pass --bits 4 or --bits 8")
+    cfg = BnbConfig(kinds[bits], method, act_order, damp)
+    model_dir = resolve_model(model)
+    check_writable_target(output, overwrite)
+    check_shapes(ModelFolder(model_dir), cfg.kind)
+    calib = _calibration(model_dir, *calib_args) if method != "rtn" else None
+    summary = quantize_to_bnb(model_dir, cfg, output, overwrite, calib=calib)
+    info(f"wrote {output}  ({cfg.name}: {summary['file_bpw']:.3f} bits/weight over the linears, "
+         f"{summary['seconds']:.1f} s; transformers loads it with bitsandbytes installed)")
 
 
 def _quantize_recipe(model, recipe_path: Path, output: Path, overwrite: bool) -> None:

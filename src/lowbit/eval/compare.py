@@ -6,6 +6,8 @@ harness, so every number in every table comes from the same code path.
 
 from __future__ import annotations
 
+import json
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +142,15 @@ class Session:
                 logits_fn, steps = llamacpp_logits_fn(path, g.spec.vocab_size), self.windows.tokens.shape[0]
             return self.score(g, config or path.name, g.linear_bpw(), path.stat().st_size, seconds, g.model_bpw(),
                               logits_fn=logits_fn, steps=steps, kind="gguf", runtime=runtime)
+        if kind == "bnb":
+            from lowbit.formats.bnb import BnbWeights
+
+            b = BnbWeights(path)
+            self._check_same_model(b.spec, path)
+            meta = json.loads((path / "lowbit_export.json").read_text()) if (path / "lowbit_export.json").is_file() \
+                else {}
+            return self.score(b, config or f"bnb-{b.kind}:{path.name}", float(meta.get("file_bpw", 0.0)),
+                              b.size_bytes(), seconds, kind=f"bnb-{b.kind}", runtime=runtime)
         from lowbit.formats.hf_export import HFExport
 
         ex = HFExport(path)
@@ -169,9 +180,10 @@ def artifact_kind(path: Path) -> str:
     if (path / "lowbit.json").is_file():
         return "lowbit"
     if (path / "config.json").is_file() and "quantization_config" in _read_json(path / "config.json"):
-        return "hf-export"
+        method = (_read_json(path / "config.json").get("quantization_config") or {}).get("quant_method")
+        return "bnb" if method == "bitsandbytes" else "hf-export"
     raise LowbitError(f"{path}: not a quantized artifact lowbit can score; pass a lowbit checkpoint, a .gguf file "
-                      "or an exported compressed-tensors/GPTQ/AWQ folder")
+                      "or an exported compressed-tensors/GPTQ/AWQ/bitsandbytes folder")
 
 
 def open_artifact(path: Path) -> WeightSource:
@@ -185,6 +197,10 @@ def open_artifact(path: Path) -> WeightSource:
         from lowbit.formats.hf_export import HFExport
 
         return HFExport(path)
+    if kind == "bnb":
+        from lowbit.formats.bnb import BnbWeights
+
+        return BnbWeights(path)
     return LowbitCheckpoint(path)
 
 

@@ -1,0 +1,203 @@
+"""Quantize a model folder into a bitsandbytes checkpoint (NF4 + double quant, or LLM.int8), layer by layer.
+
+Methods:
+  * rtn:  bitsandbytes' own quantizer, reproduced (the same bytes as quantizing on load and saving);
+  * gptq: the same file, with the codes chosen by GPTQ on the calibration Hessians against the scales the
+          loader will use (quant/gptq_codebook.py). Sequential, like every calibrated lowbit method: each
+          layer's inputs come from the layers before it, quantized.
+Resumable per layer (`.OUT.partial/`), written atomically, every source tensor carried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lowbit import __version__
+from lowbit.calib.dataset import CalibSet
+from lowbit.errors import LowbitError
+from lowbit.eval.reference import folder_fingerprint
+from lowbit.formats import bnb
+from lowbit.formats.atomic import atomic_dir, check_writable_target
+from lowbit.formats.coverage import check_nothing_dropped
+from lowbit.formats.safetensors_io import ShardedWriter
+from lowbit.model.arch import LINEARS, layer_name
+from lowbit.model.hf import ModelFolder, ModelSpec, expected_tensor_names
+from lowbit.quant import int8, nf4
+from lowbit.quant.gptq import GPTQConfig
+from lowbit.quant.gptq_blocks import FactoredHessian
+from lowbit.quant.gptq_codebook import factor, quantize_codebook_gptq
+from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
+from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.runtime import Placement, placement
+
+METHODS = ("rtn", "gptq")
+SEP = "::"  # short name :: file suffix, in the per-layer partial files
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    kind: str = "nf4"  # nf4 | int8
+    method: str = "rtn"
+    act_order: bool = False
+    damp_percent: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.kind not in bnb.KINDS:
+            raise LowbitError(f"--format bnb takes --bits 4 (nf4) or 8 (int8), not {self.kind!r}")
+        if self.method not in METHODS:
+            raise LowbitError(f"--format bnb --method {self.method!r}: choose one of {', '.join(METHODS)}")
+
+    @property
+    def name(self) -> str:
+        return f"bnb:{self.kind}:{self.method}{':act' if self.act_order else ''}"
+
+    @property
+    def gptq(self) -> GPTQConfig:
+        return GPTQConfig(damp_percent=self.damp_percent, act_order=self.act_order)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "method": self.method, "act_order": self.act_order,
+                "damp_percent": self.damp_percent}
+
+
+def check_shapes(folder: ModelFolder, kind: str) -> None:
+    """NF4 blocks of 64 run along rows; a row width that is not a multiple of 64 would straddle rows."""
+    if kind != "nf4":
+        return
+    for i in range(folder.spec.num_layers):
+        for t in folder.arch.layer_tensors():
+            if t.is_linear:
+                name = layer_name(folder.arch, i, t)
+                if folder.shape(name)[1] % nf4.BLOCK:
+                    raise LowbitError(f"{name}: {folder.shape(name)[1]} inputs is not a multiple of {nf4.BLOCK}; "
+                                      "NF4 blocks would straddle rows (use --bits 8 or another format)")
+
+
+def quantize_linear(weight: torch.Tensor, cfg: BnbConfig, fh: FactoredHessian | None
+                    ) -> nf4.NF4Tensor | int8.Int8Tensor:
+    if fh is None:
+        return nf4.quantize_rtn(weight) if cfg.kind == "nf4" else int8.quantize_rtn(weight)
+    opts = cfg.gptq
+    if cfg.kind == "nf4":
+        qt = nf4.fit_scales(weight)
+        scales = qt.absmax().reshape(weight.shape[0], -1)
+        qt.codes = quantize_codebook_gptq(weight, fh, scales, nf4.NF4Grid(), opts).to(torch.uint8)
+        return qt
+    scb = int8.row_absmax(weight.half().float())  # bitsandbytes' float16 row absmax, as its own files hold
+    return int8.Int8Tensor(quantize_codebook_gptq(weight, fh, scb, int8.Int8Grid(), opts), scb)
+
+
+def packed(short: str, qt, dtype_name: str) -> dict[str, torch.Tensor]:
+    if isinstance(qt, nf4.NF4Tensor):
+        return {f"{short}{SEP}.weight{sfx}": t for sfx, t in bnb.pack_nf4(qt, dtype_name).items()}
+    return {f"{short}{SEP}{sfx}": t for sfx, t in bnb.pack_int8(qt).items()}
+
+
+def quantize_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, cfg: BnbConfig, spec: ModelSpec, rope,
+                   names: dict[str, str], dtype_name: str, where: Placement
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(dequantized linears, tensors to persist: packed linears and the layer's other tensors)."""
+    stats = None
+    if cfg.method == "gptq":
+        assert x is not None
+        # float32 products, accumulated in float64, as the GGUF pipeline's GPTQ (README: Scale)
+        stats = gather_stats(x, w, spec, rope, LayerStats(True, False, where.stats_dtype, sums=False,
+                                                          product_dtype=torch.float32), where)
+    deq, saved = {}, {k: v for k, v in w.items() if k not in dict(LINEARS)}
+    for lead, members in INPUT_GROUPS.items():
+        fh = None
+        if stats is not None:
+            fh = factor(stats.for_linear(lead).hessian.cpu(), w[lead].shape[1], names[lead], cfg.gptq)
+        for m in members:
+            qt = quantize_linear(w[m].float().cpu(), cfg, fh)
+            deq[m] = qt.dequantize().to(w[m].device)
+            saved.update(packed(m, qt, dtype_name))
+    return deq, saved
+
+
+def run_key(model_dir: Path, cfg: BnbConfig, calib: CalibSet | None) -> str:
+    h = hashlib.sha256(json.dumps({**cfg.to_dict(), "lowbit": __version__}, sort_keys=True).encode())
+    h.update(folder_fingerprint(model_dir).encode())
+    if calib is not None:
+        h.update(calib.tokens.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def quantize_to_bnb(model_dir: Path, cfg: BnbConfig, out: Path, overwrite: bool = False,
+                    calib: CalibSet | None = None, after_layer: Callable[[int], None] | None = None,
+                    device: str | None = None, offload_activations: bool = False) -> dict:
+    """Write `model_dir` as a bitsandbytes folder at `out` (atomic, resumable); returns its summary."""
+    folder = ModelFolder(model_dir)
+    check_writable_target(out, overwrite)
+    check_shapes(folder, cfg.kind)
+    if cfg.method == "gptq" and calib is None:
+        raise LowbitError("--format bnb --method gptq needs calibration text; pass --calib-text FILE")
+    where = placement(device, offload_activations)
+    t0 = time.perf_counter()
+    dtype_name = source_dtype_name(folder)
+    state = PartialRun(out, run_key(model_dir, cfg, calib if cfg.method == "gptq" else None))
+
+    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
+        return quantize_layer(w, x, cfg, folder.spec, rope, names, dtype_name, where)
+
+    run_sequential(folder, cfg.name, state, calib if cfg.method == "gptq" else None, step, after_layer, where)
+    summary = write_folder(folder, cfg, out, state, dtype_name)
+    state.remove()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def source_dtype_name(folder: ModelFolder) -> str:
+    dtype = folder.store.raw(folder.arch.embed).dtype
+    return DTYPE_NAMES.get(dtype, "float32")
+
+
+def write_folder(folder: ModelFolder, cfg: BnbConfig, out: Path, state: PartialRun, dtype_name: str) -> dict:
+    arch, spec = folder.arch, folder.spec
+    linear = dict(LINEARS)
+    dtype = {v: k for k, v in DTYPE_NAMES.items()}[dtype_name]
+    quant_names: set[str] = set()
+    code_bytes = n_weights = 0
+    with atomic_dir(out) as tmp:
+        shards = ShardedWriter(tmp)
+        for i in range(spec.num_layers):
+            saved = state.load_tensors(i)
+            for t in arch.layer_tensors():
+                hf = layer_name(arch, i, t)
+                if t.short not in linear:
+                    shards.add(hf, saved[t.short].to(dtype))
+                    continue
+                base = hf.removesuffix(".weight")
+                quant_names.add(hf)
+                n_weights += int(torch.tensor(folder.shape(hf)).prod())
+                for key, tensor in saved.items():
+                    short, _, sfx = key.partition(SEP)
+                    if short == t.short:
+                        shards.add(f"{base}{sfx}", tensor)
+                        code_bytes += tensor.numel() * tensor.element_size()
+        for name in folder.names():  # embedding, final norm, an untied head: as the source stores them
+            if not name.startswith(f"{arch.layer_prefix}."):
+                shards.add(name, folder.store.raw(name))
+        marker = f".weight.{bnb.NF4_STATE}" if cfg.kind == "nf4" else ".SCB"
+        check_nothing_dropped(expected_tensor_names(arch, spec), shards.names,
+                              lambda n: f"{n.removesuffix('.weight')}{marker}" if n in quant_names else n,
+                              "the bitsandbytes export")
+        shards.close()
+        config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
+        config["quantization_config"] = bnb.quantization_config(cfg.kind, dtype_name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in folder.tokenizer_files():
+            shutil.copy2(f, tmp / f.name)
+        summary = {"format": "bnb", "quant": cfg.to_dict(), "lowbit_version": __version__,
+                   "file_bpw": code_bytes * 8 / max(1, n_weights), "source_model": str(folder.path)}
+        (tmp / "lowbit_export.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
