@@ -9,6 +9,11 @@ dequantized float32 weights. Sections:
 
   * hqq: lowbit `hqq:B:G:asym` (integer zeros, exportable) and `rtn:B:G:asym` against the hqq package
     (float zeros, its own pickle format only), B in --bits.
+  * bnb: lowbit's bitsandbytes folders (NF4 + double quant and LLM.int8; rtn = bitsandbytes' own rounding,
+    gptq = codes chosen by GPTQ, natural and act-order) against bitsandbytes quantizing on load in
+    transformers. Both are bitsandbytes files; lowbit's reader scores them (its dequantization is checked
+    bit for bit against bitsandbytes' in tests/test_consumers_methods.py). Calibration: --samples x --seqlen
+    tokens of the Wikipedia calibration split.
 
 Writes benchmarks/results/<name>.json and .md, rewritten after every row.
 """
@@ -69,6 +74,29 @@ def hqq_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, work: P
                      process_s=round(wall, 1))
 
 
+def lowbit_bnb_row(sessions: dict, model_dir: Path, config: str, work: Path, calib_npy: Path) -> dict:
+    from lowbit.formats.bnb import BnbWeights
+
+    out = work / config.replace(":", "_")
+    wall, rss = run_child(sys.executable, HERE / "quantize_one.py", [str(model_dir), config, str(out), str(calib_npy)])
+    meta = json.loads((out / "lowbit_export.json").read_text())
+    return score_all(sessions, BnbWeights(out), f"lowbit {config}", meta["file_bpw"],
+                     sum(f.stat().st_size for f in out.glob("*.safetensors")), wall, rss, tool="lowbit")
+
+
+def bnb_peer_row(sessions: dict, model_dir: Path, kind: str, work: Path) -> dict:
+    from lowbit.formats.bnb import BnbWeights
+
+    out = work / f"bnb-{kind}"
+    wall, rss = run_child(str(ensure_peer_venv("bnb")), HERE / "peers" / "bnb_quantize.py",
+                          ["--model", str(model_dir), "--out", str(out), "--kind", kind])
+    info = json.loads((out / "peer.json").read_text())
+    bpw = 4 + 8 / 64 + 32 / (64 * 256) if kind == "nf4" else 8 + 32 / 576  # codes + absmax (+ nested) / SCB
+    return score_all(sessions, BnbWeights(out / "native"), f"bitsandbytes {kind}", bpw,
+                     sum(f.stat().st_size for f in (out / "native").glob("*.safetensors")), info["quantize_wall_s"],
+                     rss, tool="bitsandbytes", version=info["versions"]["bitsandbytes"], process_s=round(wall, 1))
+
+
 def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = [f"# {path.stem}", "",
@@ -92,6 +120,8 @@ def main() -> int:
     ap.add_argument("--bits", default="4,3,2")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--name", default="methods")
     args = ap.parse_args()
     model_dir = resolve_model(args.model)
@@ -112,6 +142,25 @@ def main() -> int:
                 rows.append(hqq_peer_row(sessions, model_dir, b, args.group, work))
                 write_results(results, meta, rows)
                 print(f"done hqq {b}-bit", file=sys.stderr, flush=True)
+        if "bnb" in args.sections.split(","):
+            import numpy as np
+
+            from lowbit.calib.dataset import CalibConfig, build_calibration
+            from lowbit.calib.text import default_calib_text
+            from lowbit.eval.data import load_tokenizer
+
+            calib = build_calibration(load_tokenizer(model_dir), default_calib_text(),
+                                      CalibConfig(args.samples, args.seqlen, seed=0))
+            calib_npy = work / "calib.npy"
+            np.save(calib_npy, calib.tokens.numpy())
+            meta["calibration"] = calib.summary
+            for kind in ("nf4", "int8"):
+                rows.append(bnb_peer_row(sessions, model_dir, kind, work))
+                write_results(results, meta, rows)
+                for cfg in (f"bnb:{kind}:rtn", f"bnb:{kind}:gptq", f"bnb:{kind}:gptq:act"):
+                    rows.append(lowbit_bnb_row(sessions, model_dir, cfg, work, calib_npy))
+                    write_results(results, meta, rows)
+                print(f"done bnb {kind}", file=sys.stderr, flush=True)
     write_results(results, meta, rows)
     print(results.with_suffix(".md").read_text())
     return 0

@@ -2,7 +2,8 @@
 
 Usage: python quantize_one.py MODEL_DIR CONFIG OUT [CALIB_TOKENS.npy] [IMATRIX]
 CONFIG is a lowbit config string (rtn:4:128, gptq:4:128:act, ...) written as a lowbit checkpoint
-folder, or gguf:TYPE:METHOD (gguf:Q4_K_M:gptq) written as a GGUF file.
+folder, or gguf:TYPE:METHOD (gguf:Q4_K_M:gptq) written as a GGUF file, or bnb:nf4|int8[:rtn|gptq[:act]] written as a
+bitsandbytes folder.
 CALIB_TOKENS.npy is an int64 [samples, seqlen] matrix, the same one given to every peer ('-' for none).
 """
 
@@ -32,5 +33,11 @@ if __name__ == "__main__":
         imatrix = read_imatrix(Path(sys.argv[5])) if len(sys.argv) > 5 else None
         quantize_to_gguf(Path(model), GGUFConfig(file_type, method), Path(out), overwrite=True,
                          calib=calib if method != "rtn" else None, imatrix=imatrix)
+    elif config.startswith("bnb:"):  # bnb:nf4|int8[:rtn|gptq[:act]]
+        from lowbit.quant.bnb_pipeline import BnbConfig, quantize_to_bnb
+
+        parts = config.split(":") + ["rtn"]
+        quantize_to_bnb(Path(model), BnbConfig(parts[1], parts[2], "act" in parts[3:]), Path(out), overwrite=True,
+                        calib=calib if parts[2] != "rtn" else None)
     else:
         quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)

@@ -128,3 +128,14 @@ def test_refusals_are_one_line(small_model_dir: Path, tmp_path: Path, capsys) ->
         quantize_to_bnb(small_model_dir, BnbConfig("nf4", "gptq"), tmp_path / "y")
     with pytest.raises(LowbitError, match="--method"):
         BnbConfig("nf4", "awq")
+
+
+def test_compare_candidates_parse() -> None:
+    from lowbit.pipeline.candidates import parse_candidate
+
+    c = parse_candidate("bnb:nf4:gptq")
+    assert (c.kind, c.bnb_kind, c.method, c.needs_calibration) == ("bnb", "nf4", "gptq", True)
+    assert not parse_candidate("bnb:int8").needs_calibration
+    for bad in ("bnb:fp4", "bnb:nf4:awq", "bnb"):
+        with pytest.raises(LowbitError, match="bnb:nf4"):
+            parse_candidate(bad)

@@ -295,7 +295,8 @@ def compare(
     configs: str = typer.Option("rtn:4:128,rtn:3:128", "--configs",
                                 help="Comma-separated configs of any kind: method:bits:group[:flags] (a lowbit "
                                      "checkpoint), ...@compressed-tensors|gptq|awq (an HF export), "
-                                     "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq] (a GGUF)."),
+                                     "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq] (a GGUF), bnb:nf4|int8[:gptq] "
+                                     "(bitsandbytes)."),
     eval_text: Optional[str] = EvalTextOpt,
     calib_text: Optional[str] = CalibTextOpt,
     ctx: int = CtxOpt,

@@ -29,7 +29,7 @@ HF_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 @dataclass(frozen=True)
 class Candidate:
-    """A parsed config string: kind 'lowbit', 'gguf' or 'hf' (an export format)."""
+    """A parsed config string: kind 'lowbit', 'gguf', 'hf' (an export format) or 'bnb' (bitsandbytes)."""
 
     text: str
     kind: str
@@ -38,12 +38,13 @@ class Candidate:
     method: str = "rtn"  # gguf: one of GGUF_CANDIDATE_METHODS
     fmt: str | None = None  # hf
     plan: bool = False  # gguf: lowbit plan's mix at the size of file_type's stock mix
+    bnb_kind: str | None = None  # bnb: nf4 | int8
 
     @property
     def needs_calibration(self) -> bool:
         if self.plan:
             return True
-        if self.kind == "gguf":
+        if self.kind in ("gguf", "bnb"):
             return self.method != "rtn"
         return METHODS[self.qcfg.method].needs_calibration
 
@@ -61,6 +62,8 @@ def parse_candidate(text: str) -> Candidate:
     text = text.strip()
     if text.startswith("gguf:"):
         return _parse_gguf(text)
+    if text.startswith("bnb:"):
+        return _parse_bnb(text)
     base, _, fmt = text.partition("@")
     qcfg = parse_config(base)
     if fmt:
@@ -82,6 +85,19 @@ def _parse_gguf(text: str) -> Candidate:
         raise LowbitError(f"config {text!r}: unknown GGUF method {method!r}; use one of "
                           f"{', '.join(GGUF_CANDIDATE_METHODS)}")
     return Candidate(text, "gguf", file_type=parse_file_type(parts[1]), method=method, plan=plan)
+
+
+def _parse_bnb(text: str) -> Candidate:
+    from lowbit.quant.bnb_pipeline import METHODS as BNB_METHODS
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or parts[1] not in ("nf4", "int8"):
+        raise LowbitError(f"config {text!r}: a bitsandbytes config is bnb:nf4|int8[:METHOD], e.g. bnb:nf4:gptq")
+    method = parts[2] if len(parts) == 3 else "rtn"
+    if method not in BNB_METHODS:
+        raise LowbitError(f"config {text!r}: unknown bitsandbytes method {method!r}; use one of "
+                          f"{', '.join(BNB_METHODS)}")
+    return Candidate(text, "bnb", method=method, bnb_kind=parts[1])
 
 
 def parse_candidates(configs: str) -> list[Candidate]:
@@ -129,6 +145,11 @@ def build_candidate(cand: Candidate, ctx: BuildContext, out: Path,
         imat = ctx.imatrix() if cand.method == "imatrix" else None
         quantize_to_gguf(ctx.model_dir, gcfg, out, overwrite=True, calib=ctx.calib if method != "rtn" else None,
                          imatrix=imat, after_layer=after_layer)
+    elif cand.kind == "bnb":
+        from lowbit.quant.bnb_pipeline import BnbConfig, quantize_to_bnb
+
+        quantize_to_bnb(ctx.model_dir, BnbConfig(cand.bnb_kind, cand.method, cand.method == "gptq", ctx.damp), out,
+                        overwrite=True, calib=ctx.calib if cand.method != "rtn" else None, after_layer=after_layer)
     elif cand.kind == "hf":
         from lowbit.formats.hf_export import quantize_and_export
 

@@ -61,54 +61,66 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """Generalised soft threshold: the proximal step of (1/beta)*|x|^p, as HQQ approximates it."""
     if p == 1:
         return torch.sign(x) * torch.relu(x.abs() - 1.0 / beta)
-    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * torch.pow(x.abs() + 1e-8, p - 1))
+    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().pow(p - 1))
 
 
-def _valid_mask(n_in: int, cfg: GridConfig, device: torch.device) -> torch.Tensor:
-    """[n_groups, glen] bool: True on real columns, False on the padding of a short last group."""
+def _valid_mask(n_in: int, cfg: GridConfig, device: torch.device) -> torch.Tensor | None:
+    """[n_groups, glen] bool: True on real columns, False on the padding of a short last group (None: no padding)."""
     n_groups, glen = cfg.groups_for(n_in)
+    if n_groups * glen == n_in:
+        return None
     return (torch.arange(n_groups * glen, device=device) < n_in).reshape(n_groups, glen)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, torch.zeros_like(x)).sum(-1) / count
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else torch.where(mask, x, torch.zeros_like(x))
 
 
-def _lp_error(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, cfg: GridConfig,
-              p: float) -> torch.Tensor:
+def _residual(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, cfg: GridConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, g - dequant(codes)) for scale s and zero z per group."""
     q = torch.clamp(torch.round(g / s.unsqueeze(-1) + z.unsqueeze(-1)), 0, cfg.qmax)
-    err = (g - s.unsqueeze(-1) * (q - z.unsqueeze(-1))).abs().pow(p)
-    return torch.where(mask, err, torch.zeros_like(err)).sum(-1)
+    return q, g - s.unsqueeze(-1) * (q - z.unsqueeze(-1))
 
 
-def solve(g: torch.Tensor, mask: torch.Tensor, cfg: GridConfig, hcfg: HQQConfig = HQQConfig()
+def solve(g: torch.Tensor, mask: torch.Tensor | None, cfg: GridConfig, hcfg: HQQConfig = HQQConfig()
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero for groups on the last dim of `g` ([out, n_groups, glen])."""
-    count = mask.sum(-1).clamp(min=1).to(g.dtype)
+    """Scale and integer zero for groups on the last dim of `g` ([out, n_groups, glen]).
+
+    Each pass rounds once and raises |residual| to p - 1 once: that power gives both the shrink step and
+    the l_p error of the current iterate (|r|^p = |r| * |r|^(p-1)), which is scored before it is improved.
+    """
+    count = g.shape[-1] if mask is None else mask.sum(-1).clamp(min=1).to(g.dtype)
+    p = hcfg.lp_norm
     s, z = fit_scale_zero(g, cfg)
-    best_s, best_z = s.clone(), z.clone()
-    best_err = _lp_error(g, s, z, mask, cfg, hcfg.lp_norm)
+    best_s, best_z, best_err = s, z, None
     beta = hcfg.beta
-    for _ in range(hcfg.iters):
-        q = torch.clamp(torch.round(g / s.unsqueeze(-1) + z.unsqueeze(-1)), 0, cfg.qmax)
-        w_e = shrink_lp(g - s.unsqueeze(-1) * (q - z.unsqueeze(-1)), beta, hcfg.lp_norm)
-        target = g - w_e
+    for it in range(hcfg.iters + 1):
+        q, r = _residual(g, s, z, cfg)
+        a = r.abs()
+        a_pm1 = a.pow(p - 1)  # inf where r == 0: the shrink gives 0 there, the error term is masked to 0
+        err = _masked(torch.where(a > 0, a * a_pm1, torch.zeros_like(a)), mask).sum(-1)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+            best_err = torch.where(better, err, best_err)
+        if it == hcfg.iters:
+            break
+        target = g - torch.sign(r) * torch.relu(a - a_pm1 / beta)  # g - shrink(r)
         if not cfg.symmetric:
-            z = torch.clamp(torch.round(_masked_mean(q - target / s.unsqueeze(-1), mask, count)), 0, cfg.qmax)
+            z = torch.clamp(torch.round(_masked(q - target / s.unsqueeze(-1), mask).sum(-1) / count), 0, cfg.qmax)
         if hcfg.scale_step or cfg.symmetric:
             s = fp16_nonzero(_least_squares_scale(q - z.unsqueeze(-1), target, mask, s))
         beta *= hcfg.kappa
-        err = _lp_error(g, s, z, mask, cfg, hcfg.lp_norm)
-        better = err < best_err
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-        best_err = torch.where(better, err, best_err)
     return best_s, best_z
 
 
-def _least_squares_scale(centred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+def _least_squares_scale(centred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
                          fallback: torch.Tensor) -> torch.Tensor:
     """argmin_s ||s * (q - z) - target||^2 per group; keeps the old scale where it is undefined or not positive."""
-    c = torch.where(mask, centred, torch.zeros_like(centred))
+    c = _masked(centred, mask)
     num = (c * target).sum(-1)
     den = (c * c).sum(-1)
     s = num / torch.where(den == 0, torch.ones_like(den), den)
@@ -148,8 +160,7 @@ def reference_quantize(weight: torch.Tensor, bits: int, group_size: int, hcfg: H
     for _ in range(hcfg.iters):
         q = torch.round(W * inv + zero).clamp(0, qmax)
         w_r = (q - zero) / inv
-        err = W - w_r
-        w_e = torch.sign(err) * (err.abs() - (1.0 / hcfg.beta) * err.abs().pow(hcfg.lp_norm - 1)).clamp_min(0.0)
+        w_e = shrink_lp(W - w_r, hcfg.beta, hcfg.lp_norm)
         zero = torch.mean(q - (W - w_e) * inv, dim=1, keepdim=True)
         current = torch.abs(W - w_r).mean()
         if current < best:
