@@ -62,7 +62,7 @@ def parse_candidate(text: str) -> Candidate:
     text = text.strip()
     if text.startswith("gguf:"):
         return _parse_gguf(text)
-    if text.startswith("bnb:"):
+    if text.split(":")[0] == "bnb":
         return _parse_bnb(text)
     base, _, fmt = text.partition("@")
     qcfg = parse_config(base)
