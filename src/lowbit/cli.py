@@ -104,6 +104,8 @@ def quantize(
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ act-order with static groups (no g_idx)."),
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, a fraction of mean(diag(H))."),
+    iters: int = typer.Option(50, "--iters", help="AutoRound: sign-gradient steps per decoder block (paper: 200)."),
+    lr: float = typer.Option(0.0, "--lr", help="AutoRound: learning rate (0 = 1/iters, decaying linearly)."),
     calib_text: Optional[str] = CalibTextOpt,
     calib_samples: int = SamplesOpt,
     calib_seqlen: int = SeqlenOpt,
@@ -151,7 +153,7 @@ def quantize(
     from lowbit.report.progress import info
 
     qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym), quantize_embedding, quantize_lm_head,
-                       act_order, static_groups, damp)
+                       act_order, static_groups, damp, iters, lr, seed)
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
     if fmt != "lowbit":  # an HF folder (compressed-tensors, gptq, awq); the grid is checked before calibrating

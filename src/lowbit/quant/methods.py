@@ -2,11 +2,13 @@
 
 A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
 `rtn:3:64:asym` or `gptq:4:128:act`; group `ch` (or -1) means per channel.
-Flags: `sym` (default) / `asym`, and for GPTQ `act` (act-order with g_idx)
-and `static` (act-order with static groups, no g_idx).
+Flags: `sym` (default) / `asym`, for GPTQ `act` (act-order with g_idx)
+and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`).
 """
 
 from __future__ import annotations
+
+import re
 
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +16,7 @@ from typing import Callable
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant import awq, gptq, hqq, rtn
+from lowbit.quant import autoround, awq, gptq, hqq, rtn
 from lowbit.quant.grid import GridConfig, QuantizedTensor
 
 QuantizeFn = Callable[[torch.Tensor, object, GridConfig, str, "QuantConfig"], QuantizedTensor]
@@ -38,6 +40,7 @@ class Method:
     activations: bool = False
     smooth: Callable | None = None
     joint: bool = False
+    block: Callable | None = None  # learns a whole block at once (AutoRound): (w, x, spec, rope, qcfg) -> {short: qt}
 
 
 def _rtn(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
@@ -57,6 +60,11 @@ def _hqq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg:
     return hqq.quantize_layer(weight, stats, grid, name)
 
 
+def _no_linear_path(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig"
+                    ) -> QuantizedTensor:
+    raise LowbitError(f"{name}: {qcfg.method} learns whole decoder blocks; it has no per-linear path")
+
+
 def _awq(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
     return awq.quantize_layer(weight, stats, grid, name)
 
@@ -66,6 +74,8 @@ METHODS: dict[str, Method] = {
     "gptq": Method(_gptq, needs_calibration=True, hessian=True, joint=True),
     "awq": Method(_awq, needs_calibration=True, hessian=True, activations=True, smooth=awq.smooth_block),
     "hqq": Method(_hqq),
+    "autoround": Method(_no_linear_path, needs_calibration=True, block=lambda w, x, spec, rope, qcfg:
+                        autoround.quantize_block(w, x, spec, rope, qcfg.grid, qcfg.autoround)),
 }
 
 
@@ -80,6 +90,9 @@ class QuantConfig:
     act_order: bool = False
     static_groups: bool = False
     damp_percent: float = 0.01
+    iters: int = 50  # autoround only: auto-round's 'light' recipe (the paper's 200 is --iters 200)
+    lr: float = 0.0  # autoround only; 0 means 1 / iters
+    seed: int = 0  # autoround only: its mini-batch draws
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,10 +105,16 @@ class QuantConfig:
         g = "ch" if self.grid.group_size == -1 else str(self.grid.group_size)
         flags = "" if self.grid.symmetric else ":asym"
         flags += ":static" if self.static_groups else ":act" if self.act_order else ""
+        flags += f":i{self.iters}" if self.method == "autoround" else ""
         return f"{self.method}:{self.grid.bits}:{g}{flags}"
 
+    @property
+    def autoround(self) -> "autoround.AutoRoundConfig":
+        return autoround.AutoRoundConfig(self.iters, self.lr or None, seed=self.seed)
+
     def to_dict(self) -> dict:
-        return {
+        extra = {"iters": self.iters, "lr": self.lr, "seed": self.seed} if self.method == "autoround" else {}
+        return extra | {
             "method": self.method,
             "bits": self.grid.bits,
             "group_size": self.grid.group_size,
@@ -111,7 +130,8 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> "QuantConfig":
         grid = GridConfig(int(d["bits"]), int(d["group_size"]), bool(d["symmetric"]))
         return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
-                   bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)))
+                   bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)),
+                   int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)))
 
 
 def parse_config(text: str) -> QuantConfig:
@@ -130,10 +150,14 @@ def parse_config(text: str) -> QuantConfig:
     except ValueError:
         raise LowbitError(f"config {text!r}: group {group_text!r} must be 32, 64, 128, 256 or ch") from None
     flags = set(parts[3:])
+    iters = [f for f in flags if re.fullmatch(r"i[1-9][0-9]*", f)]
+    if iters and method != "autoround":
+        raise LowbitError(f"config {text!r}: iN (iterations) applies to autoround only")
+    flags -= set(iters)
     unknown = flags - {"sym", "asym", "act", "static"}
     if unknown:
         raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; use sym, asym, act, static")
     if {"act", "static"} & flags and method != "gptq":
         raise LowbitError(f"config {text!r}: act/static apply to gptq only")
     return QuantConfig(method, GridConfig(bits, group, "asym" not in flags), act_order="act" in flags,
-                       static_groups="static" in flags)
+                       static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50)

@@ -86,6 +86,9 @@ def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor |
                    spec: ModelSpec, rope, names: dict[str, str],
                    where: Placement = Placement()) -> dict[str, QuantizedTensor]:
     """Quantize one decoder layer's linears; `w` is updated in place (AWQ rewrites norms and producers)."""
+    if method.block is not None:
+        assert x is not None
+        return method.block(w, where.compute(x), spec, rope, qcfg)
     stats = None
     if method.needs_calibration:
         assert x is not None
