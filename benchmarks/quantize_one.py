@@ -37,7 +37,7 @@ if __name__ == "__main__":
         from lowbit.quant.bnb_pipeline import BnbConfig, quantize_to_bnb
 
         parts = config.split(":") + ["rtn"]
-        quantize_to_bnb(Path(model), BnbConfig(parts[1], parts[2], "act" in parts[3:]), Path(out), overwrite=True,
+        quantize_to_bnb(Path(model), BnbConfig(parts[1], parts[2], "act" in parts[3:]), Path(out), overwrite=True,  # noqa: E501
                         calib=calib if parts[2] != "rtn" else None)
     else:
         quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)

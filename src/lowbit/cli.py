@@ -209,7 +209,7 @@ def _quantize_bnb(model, method, bits, act_order, damp, output, overwrite, calib
     if bits not in kinds:
         raise LowbitError(f"--format bnb --bits {bits}: bitsandbytes files hold 4-bit NF4 or 8-bit LLM.int8; "
                           "pass --bits 4 or --bits 8")
-    cfg = BnbConfig(kinds[bits], method, act_order, damp)
+    cfg = BnbConfig(kinds[bits], method, True, damp)  # act-order always: the scales are fixed (bnb_pipeline)
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
     check_shapes(ModelFolder(model_dir), cfg.kind)

@@ -3,7 +3,9 @@
 Methods:
   * rtn:  bitsandbytes' own quantizer, reproduced (the same bytes as quantizing on load and saving);
   * gptq: the same file, with the codes chosen by GPTQ on the calibration Hessians against the scales the
-          loader will use (quant/gptq_codebook.py). Sequential, like every calibrated lowbit method: each
+          loader will use (quant/gptq_codebook.py), visiting columns in act-order (descending Hessian
+          diagonal): the scales are fixed, so the order costs nothing in the file, and it measured far
+          better (NF4, 32 x 512 calibration tokens: held-out KLD 0.140 against 0.211 in natural order). Sequential, like every calibrated lowbit method: each
           layer's inputs come from the layers before it, quantized.
 Resumable per layer (`.OUT.partial/`), written atomically, every source tensor carried.
 """
@@ -47,7 +49,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 class BnbConfig:
     kind: str = "nf4"  # nf4 | int8
     method: str = "rtn"
-    act_order: bool = False
+    act_order: bool = True  # free with fixed scales (no g_idx); NF4 KLD 0.140 vs 0.211 in natural order
     damp_percent: float = 0.01
 
     def __post_init__(self) -> None:
