@@ -142,7 +142,7 @@ def quantize(
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     if fmt == "bnb":
-        _quantize_bnb(model, method, bits, act_order, damp, output, overwrite,
+        _quantize_bnb(model, method, bits, damp, output, overwrite,
                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     from lowbit.formats.atomic import check_writable_target
@@ -198,7 +198,7 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
 
 
-def _quantize_bnb(model, method, bits, act_order, damp, output, overwrite, calib_args) -> None:
+def _quantize_bnb(model, method, bits, damp, output, overwrite, calib_args) -> None:
     from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
     from lowbit.model.hf import ModelFolder
