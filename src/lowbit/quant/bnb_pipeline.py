@@ -12,7 +12,6 @@ Resumable per layer (`.OUT.partial/`), written atomically, every source tensor c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -25,7 +24,6 @@ import torch
 from lowbit import __version__
 from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
-from lowbit.eval.reference import folder_fingerprint
 from lowbit.formats import bnb
 from lowbit.formats.atomic import atomic_dir, check_writable_target
 from lowbit.formats.coverage import check_nothing_dropped
@@ -36,7 +34,7 @@ from lowbit.quant import int8, nf4
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import FactoredHessian
 from lowbit.quant.gptq_codebook import factor, quantize_codebook_gptq
-from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
+from lowbit.quant.pipeline import PartialRun, gather_stats, run_key, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
 from lowbit.runtime import Placement, placement
 
@@ -124,14 +122,6 @@ def quantize_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, cfg: BnbC
             deq[m] = qt.dequantize().to(w[m].device)
             saved.update(packed(m, qt, dtype_name))
     return deq, saved
-
-
-def run_key(model_dir: Path, cfg: BnbConfig, calib: CalibSet | None) -> str:
-    h = hashlib.sha256(json.dumps({**cfg.to_dict(), "lowbit": __version__}, sort_keys=True).encode())
-    h.update(folder_fingerprint(model_dir).encode())
-    if calib is not None:
-        h.update(calib.tokens.numpy().tobytes())
-    return h.hexdigest()[:24]
 
 
 def quantize_to_bnb(model_dir: Path, cfg: BnbConfig, out: Path, overwrite: bool = False,

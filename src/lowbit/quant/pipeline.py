@@ -193,7 +193,8 @@ class PartialRun:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_key(model_dir: Path, qcfg: QuantConfig, calib: CalibSet | None) -> str:
+def run_key(model_dir: Path, qcfg, calib: CalibSet | None) -> str:
+    """The resume key of a run: any config with to_dict() (QuantConfig, BnbConfig), the model and its tokens."""
     h = hashlib.sha256(json.dumps({**qcfg.to_dict(), "lowbit": __version__}, sort_keys=True).encode())
     h.update(folder_fingerprint(model_dir).encode())
     if calib is not None:
