@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats.hf_export import read_folder_config
 from lowbit.formats.safetensors_io import TensorStore
 from lowbit.model.arch import arch_for
 from lowbit.model.forward import StoredWeights
@@ -43,9 +44,10 @@ def pack_nf4(qt: nf4.NF4Tensor, dtype_name: str) -> dict[str, torch.Tensor]:
             f".{NF4_STATE}": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
 
 
-def unpack_nf4(get, shape: tuple[int, int]) -> nf4.NF4Tensor:
+def unpack_nf4(get) -> nf4.NF4Tensor:
     """Read one NF4 Linear back; `get(suffix)` returns the tensor `X.weight{suffix}`."""
     state = json.loads(bytes(get(f".{NF4_STATE}").tolist()).decode())
+    shape = tuple(state["shape"])
     if state.get("quant_type") != "nf4" or int(state.get("blocksize", 0)) != nf4.BLOCK:
         raise LowbitError(f"bitsandbytes 4-bit state {state}: lowbit reads nf4 with blocksize {nf4.BLOCK} only")
     packed = get("").reshape(-1)
@@ -75,10 +77,7 @@ class BnbWeights(StoredWeights):
     def __init__(self, path: str | Path):
         self.path = Path(path)
         cfg_path = self.path / "config.json"
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LowbitError(f"{cfg_path}: cannot read config.json ({exc})") from None
+        self.config = read_folder_config(self.path)
         qc = self.config.get("quantization_config") or {}
         if qc.get("quant_method") != "bitsandbytes":
             raise LowbitError(f"{cfg_path}: not a bitsandbytes checkpoint (quant_method {qc.get('quant_method')!r})")
@@ -92,8 +91,7 @@ class BnbWeights(StoredWeights):
     def quantized(self, name: str) -> nf4.NF4Tensor | int8.Int8Tensor:
         base = name.removesuffix(".weight")
         if self.kind == "nf4":
-            state = json.loads(bytes(self.store.raw(f"{name}.{NF4_STATE}").tolist()).decode())
-            return unpack_nf4(lambda sfx: self.store.raw(f"{name}{sfx}"), tuple(state["shape"]))
+            return unpack_nf4(lambda sfx: self.store.raw(f"{name}{sfx}"))
         return int8.Int8Tensor(self.store.raw(f"{base}.weight"), self.store.raw(f"{base}.SCB").float())
 
     def tensor(self, name: str) -> torch.Tensor:

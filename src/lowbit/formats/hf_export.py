@@ -439,16 +439,22 @@ def _report(info: Callable[[str], None], out: Path, fmt: HFFormat, measurement: 
 # ---------------------------------------------------------------- reading an export back
 
 
+def read_folder_config(folder: Path) -> dict[str, Any]:
+    """config.json of a quantized HF folder, or a one-line error naming the file."""
+    cfg_path = folder / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LowbitError(f"{cfg_path}: cannot read config.json ({exc})") from None
+
+
 class HFExport(StoredWeights):
     """Reader for a folder written by export_checkpoint (or any checkpoint of the three formats)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         cfg_path = self.path / "config.json"
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise LowbitError(f"{cfg_path}: cannot read config.json ({exc})") from None
+        self.config = read_folder_config(self.path)
         qc = self.config.get("quantization_config")
         method = (qc or {}).get("quant_method")
         by_method = {f.quant_method: f for f in formats().values()}
