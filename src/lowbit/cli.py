@@ -106,6 +106,9 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ damping, a fraction of mean(diag(H))."),
     iters: int = typer.Option(50, "--iters", help="AutoRound: sign-gradient steps per decoder block (paper: 200)."),
     lr: float = typer.Option(0.0, "--lr", help="AutoRound: learning rate (0 = 1/iters, decaying linearly)."),
+    codebooks: str = typer.Option("2x8", "--codebooks", help="AQLM: 2x8 (two 256-entry codebooks) or 1x16."),
+    beam: int = typer.Option(8, "--beam", help="AQLM: beam width of the code search."),
+    rounds: int = typer.Option(4, "--rounds", help="AQLM: rounds of code search, codebook and scale updates."),
     calib_text: Optional[str] = CalibTextOpt,
     calib_samples: int = SamplesOpt,
     calib_seqlen: int = SeqlenOpt,
@@ -115,7 +118,8 @@ def quantize(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     no_measure: bool = NoMeasureOpt,
     fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq, awq or bnb "
-                            "(bitsandbytes: --bits 4 is NF4 with double quant, --bits 8 LLM.int8; --method rtn|gptq)."),
+                            "(bitsandbytes: --bits 4 is NF4 with double quant, --bits 8 LLM.int8; --method rtn|gptq) or aqlm "
+                            "(additive codebooks, about 2 bits/weight: --codebooks 2x8|1x16; calibrated)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
@@ -144,6 +148,10 @@ def quantize(
     if fmt == "bnb":
         _quantize_bnb(model, method, bits, damp, output, overwrite,
                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
+        return
+    if fmt == "aqlm":
+        _quantize_aqlm(model, codebooks, beam, rounds, seed, damp, output, overwrite,
+                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
@@ -217,6 +225,24 @@ def _quantize_bnb(model, method, bits, damp, output, overwrite, calib_args) -> N
     summary = quantize_to_bnb(model_dir, cfg, output, overwrite, calib=calib)
     info(f"wrote {output}  ({cfg.name}: {summary['file_bpw']:.3f} bits/weight over the linears, "
          f"{summary['seconds']:.1f} s; transformers loads it with bitsandbytes installed)")
+
+
+def _quantize_aqlm(model, codebooks, beam, rounds, seed, damp, output, overwrite, calib_args) -> None:
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.model.default import resolve_model
+    from lowbit.model.hf import ModelFolder
+    from lowbit.quant.aqlm import AQLMConfig
+    from lowbit.quant.aqlm_pipeline import check_shapes, parse_shape, quantize_to_aqlm
+    from lowbit.report.progress import info
+
+    ncb, nbits = parse_shape(codebooks)
+    cfg = AQLMConfig(ncb, nbits, beam=beam, rounds=rounds, seed=seed, damp_percent=damp)
+    model_dir = resolve_model(model)
+    check_writable_target(output, overwrite)
+    check_shapes(ModelFolder(model_dir), cfg)
+    summary = quantize_to_aqlm(model_dir, cfg, output, overwrite, calib=_calibration(model_dir, *calib_args))
+    info(f"wrote {output}  ({cfg.name}: {summary['file_bpw']:.3f} bits/weight over the linears, "
+         f"{summary['seconds']:.1f} s; transformers loads it with aqlm installed)")
 
 
 def _quantize_recipe(model, recipe_path: Path, output: Path, overwrite: bool) -> None:

@@ -142,15 +142,13 @@ class Session:
                 logits_fn, steps = llamacpp_logits_fn(path, g.spec.vocab_size), self.windows.tokens.shape[0]
             return self.score(g, config or path.name, g.linear_bpw(), path.stat().st_size, seconds, g.model_bpw(),
                               logits_fn=logits_fn, steps=steps, kind="gguf", runtime=runtime)
-        if kind == "bnb":
-            from lowbit.formats.bnb import BnbWeights
-
-            b = BnbWeights(path)
+        if kind in PACKED_KINDS:
+            b = open_artifact(path)
             self._check_same_model(b.spec, path)
             meta = json.loads((path / "lowbit_export.json").read_text()) if (path / "lowbit_export.json").is_file() \
                 else {}
-            return self.score(b, config or f"bnb-{b.kind}:{path.name}", float(meta.get("file_bpw", 0.0)),
-                              b.size_bytes(), seconds, kind=f"bnb-{b.kind}", runtime=runtime)
+            return self.score(b, config or f"{kind}-{b.kind}:{path.name}", float(meta.get("file_bpw", 0.0)),
+                              b.size_bytes(), seconds, kind=f"{kind}-{b.kind}", runtime=runtime)
         from lowbit.formats.hf_export import HFExport
 
         ex = HFExport(path)
@@ -172,8 +170,14 @@ class Session:
                               "pass the model it was made from with --ref")
 
 
+# HF folders whose linears a quantizer stores packed in its own layout, by quant_method: lowbit reads them
+# with their own reader (formats/bnb.py, formats/aqlm.py), not the grid exports' HFExport.
+PACKED_METHODS = {"bitsandbytes": "bnb", "aqlm": "aqlm"}
+PACKED_KINDS = tuple(PACKED_METHODS.values())
+
+
 def artifact_kind(path: Path) -> str:
-    """'lowbit', 'gguf' or 'hf-export', or a one-line error saying what `lowbit eval` takes."""
+    """'lowbit', 'gguf', 'hf-export', 'bnb' or 'aqlm', or a one-line error saying what `lowbit eval` takes."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
@@ -181,9 +185,9 @@ def artifact_kind(path: Path) -> str:
         return "lowbit"
     if (path / "config.json").is_file() and "quantization_config" in _read_json(path / "config.json"):
         method = (_read_json(path / "config.json").get("quantization_config") or {}).get("quant_method")
-        return "bnb" if method == "bitsandbytes" else "hf-export"
+        return PACKED_METHODS.get(method, "hf-export")
     raise LowbitError(f"{path}: not a quantized artifact lowbit can score; pass a lowbit checkpoint, a .gguf file "
-                      "or an exported compressed-tensors/GPTQ/AWQ/bitsandbytes folder")
+                      "or an exported compressed-tensors/GPTQ/AWQ/bitsandbytes/AQLM folder")
 
 
 def open_artifact(path: Path) -> WeightSource:
@@ -201,6 +205,10 @@ def open_artifact(path: Path) -> WeightSource:
         from lowbit.formats.bnb import BnbWeights
 
         return BnbWeights(path)
+    if kind == "aqlm":
+        from lowbit.formats.aqlm import AQLMWeights
+
+        return AQLMWeights(path)
     return LowbitCheckpoint(path)
 
 

@@ -39,10 +39,13 @@ class Candidate:
     fmt: str | None = None  # hf
     plan: bool = False  # gguf: lowbit plan's mix at the size of file_type's stock mix
     bnb_kind: str | None = None  # bnb: nf4 | int8
+    aqlm: object | None = None  # aqlm: its AQLMConfig
 
     @property
     def needs_calibration(self) -> bool:
         if self.plan:
+            return True
+        if self.kind == "aqlm":
             return True
         if self.kind in ("gguf", "bnb"):
             return self.method != "rtn"
@@ -64,6 +67,8 @@ def parse_candidate(text: str) -> Candidate:
         return _parse_gguf(text)
     if text.split(":")[0] == "bnb":
         return _parse_bnb(text)
+    if text.split(":")[0] == "aqlm":
+        return _parse_aqlm(text)
     base, _, fmt = text.partition("@")
     qcfg = parse_config(base)
     if fmt:
@@ -98,6 +103,24 @@ def _parse_bnb(text: str) -> Candidate:
         raise LowbitError(f"config {text!r}: unknown bitsandbytes method {method!r}; use one of "
                           f"{', '.join(BNB_METHODS)}")
     return Candidate(text, "bnb", method=method, bnb_kind=parts[1])
+
+
+def _parse_aqlm(text: str) -> Candidate:
+    """aqlm:2x8|1x16[:bBEAM][:rROUNDS], e.g. aqlm:2x8:b8:r4 (the defaults)."""
+    from lowbit.quant.aqlm import AQLMConfig
+    from lowbit.quant.aqlm_pipeline import parse_shape
+
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise LowbitError(f"config {text!r}: an AQLM config is aqlm:2x8|1x16[:bBEAM][:rROUNDS], e.g. aqlm:2x8")
+    ncb, nbits = parse_shape(parts[1])
+    opts = {"b": "beam", "r": "rounds"}
+    kw = {}
+    for p in parts[2:]:
+        if p[:1] not in opts or not p[1:].isdigit():
+            raise LowbitError(f"config {text!r}: unknown AQLM option {p!r}; use bBEAM or rROUNDS, e.g. b8, r4")
+        kw[opts[p[0]]] = int(p[1:])
+    return Candidate(text, "aqlm", method="aqlm", aqlm=AQLMConfig(ncb, nbits, **kw))
 
 
 def parse_candidates(configs: str) -> list[Candidate]:
@@ -150,6 +173,10 @@ def build_candidate(cand: Candidate, ctx: BuildContext, out: Path,
 
         quantize_to_bnb(ctx.model_dir, BnbConfig(cand.bnb_kind, cand.method, cand.method == "gptq", ctx.damp), out,
                         overwrite=True, calib=ctx.calib if cand.method != "rtn" else None, after_layer=after_layer)
+    elif cand.kind == "aqlm":
+        from lowbit.quant.aqlm_pipeline import quantize_to_aqlm
+
+        quantize_to_aqlm(ctx.model_dir, cand.aqlm, out, overwrite=True, calib=ctx.calib, after_layer=after_layer)
     elif cand.kind == "hf":
         from lowbit.formats.hf_export import quantize_and_export
 

@@ -12,8 +12,6 @@ Resumable per layer (`.OUT.partial/`), written atomically, every source tensor c
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +23,10 @@ from lowbit import __version__
 from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.formats import bnb
-from lowbit.formats.atomic import atomic_dir, check_writable_target
-from lowbit.formats.coverage import check_nothing_dropped
-from lowbit.formats.safetensors_io import ShardedWriter
+from lowbit.formats.atomic import check_writable_target
+from lowbit.formats.packed_folder import packed_key, write_packed_folder
 from lowbit.model.arch import LINEARS, layer_name
-from lowbit.model.hf import ModelFolder, ModelSpec, expected_tensor_names
+from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import int8, nf4
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import FactoredHessian
@@ -39,7 +36,6 @@ from lowbit.quant.stats import INPUT_GROUPS, LayerStats
 from lowbit.runtime import Placement, placement
 
 METHODS = ("rtn", "gptq")
-SEP = "::"  # short name :: file suffix, in the per-layer partial files
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -98,8 +94,8 @@ def quantize_linear(weight: torch.Tensor, cfg: BnbConfig, fh: FactoredHessian | 
 
 def packed(short: str, qt, dtype_name: str) -> dict[str, torch.Tensor]:
     if isinstance(qt, nf4.NF4Tensor):
-        return {f"{short}{SEP}.weight{sfx}": t for sfx, t in bnb.pack_nf4(qt, dtype_name).items()}
-    return {f"{short}{SEP}{sfx}": t for sfx, t in bnb.pack_int8(qt).items()}
+        return {packed_key(short, f".weight{sfx}"): t for sfx, t in bnb.pack_nf4(qt, dtype_name).items()}
+    return {packed_key(short, sfx): t for sfx, t in bnb.pack_int8(qt).items()}
 
 
 def quantize_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, cfg: BnbConfig, spec: ModelSpec, rope,
@@ -154,42 +150,8 @@ def source_dtype_name(folder: ModelFolder) -> str:
 
 
 def write_folder(folder: ModelFolder, cfg: BnbConfig, out: Path, state: PartialRun, dtype_name: str) -> dict:
-    arch, spec = folder.arch, folder.spec
-    linear = dict(LINEARS)
     dtype = {v: k for k, v in DTYPE_NAMES.items()}[dtype_name]
-    quant_names: set[str] = set()
-    code_bytes = n_weights = 0
-    with atomic_dir(out) as tmp:
-        shards = ShardedWriter(tmp)
-        for i in range(spec.num_layers):
-            saved = state.load_tensors(i)
-            for t in arch.layer_tensors():
-                hf = layer_name(arch, i, t)
-                if t.short not in linear:
-                    shards.add(hf, saved[t.short].to(dtype))
-                    continue
-                base = hf.removesuffix(".weight")
-                quant_names.add(hf)
-                n_weights += int(torch.tensor(folder.shape(hf)).prod())
-                for key, tensor in saved.items():
-                    short, _, sfx = key.partition(SEP)
-                    if short == t.short:
-                        shards.add(f"{base}{sfx}", tensor)
-                        code_bytes += tensor.numel() * tensor.element_size()
-        for name in folder.names():  # embedding, final norm, an untied head: as the source stores them
-            if not name.startswith(f"{arch.layer_prefix}."):
-                shards.add(name, folder.store.raw(name))
-        marker = f".weight.{bnb.NF4_STATE}" if cfg.kind == "nf4" else ".SCB"
-        check_nothing_dropped(expected_tensor_names(arch, spec), shards.names,
-                              lambda n: f"{n.removesuffix('.weight')}{marker}" if n in quant_names else n,
-                              "the bitsandbytes export")
-        shards.close()
-        config = {k: v for k, v in folder.config.items() if k != "quantization_config"}
-        config["quantization_config"] = bnb.quantization_config(cfg.kind, dtype_name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in folder.tokenizer_files():
-            shutil.copy2(f, tmp / f.name)
-        summary = {"format": "bnb", "quant": cfg.to_dict(), "lowbit_version": __version__,
-                   "file_bpw": code_bytes * 8 / max(1, n_weights), "source_model": str(folder.path)}
-        (tmp / "lowbit_export.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
+    marker = f".weight.{bnb.NF4_STATE}" if cfg.kind == "nf4" else ".SCB"
+    summary = {"format": "bnb", "quant": cfg.to_dict(), "lowbit_version": __version__}
+    return write_packed_folder(folder, out, state.load_tensors, marker, bnb.quantization_config(cfg.kind, dtype_name),
+                               summary, dtype, "the bitsandbytes export")
