@@ -52,6 +52,7 @@ consumers: setup
 	bash benchmarks/peers/setup_peer_venvs.sh gptqmodel
 	bash benchmarks/peers/setup_peer_venvs.sh bnb
 	bash benchmarks/peers/setup_peer_venvs.sh hqq
+	bash benchmarks/peers/setup_peer_venvs.sh aqlm
 	$(VENV)/bin/pytest -q -m consumers
 
 # lm-eval's own `hf` model against the `lowbit` lm-eval model on a local ARC-Easy task, offline (~3 min)

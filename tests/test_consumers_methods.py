@@ -4,6 +4,9 @@
     on real weights its codes, scales and zeros must equal what hqq's own Quantizer computes. lowbit's
     `hqq` method departs from it on purpose (integer zeros, a scale step; see quant/hqq.py), so this is
     the check that the departure starts from the right place.
+  * bitsandbytes 0.50.2: transformers loads lowbit's NF4/INT8 folders; the weights equal lowbit's reader.
+  * aqlm 1.1.7: transformers loads lowbit's AQLM folders (2x8 and 1x16, real model and families); the weights
+    equal lowbit's reader and the logits its forward.
 """
 
 from __future__ import annotations
@@ -138,3 +141,64 @@ def test_lowbit_rtn_is_bitsandbytes_own_quantizer(bnb_folders, model_dir: Path, 
         if kind == "nf4":
             print(f"\nNF4 absmax codes differing from bitsandbytes': {off} of {total}")
             assert off < 0.005 * total
+
+
+@pytest.fixture(scope="module")
+def aqlm_folders(small_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """lowbit AQLM folders: the real model (2 layers) at 2x8, a Qwen2 family model (q/k/v biases) at 2x8, and a
+    Llama 3 family model shrunk to hidden 64 at 1x16 (65536-entry codebooks; small so the CPU search is quick)."""
+    import sys
+
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.text import default_calib_text
+    from lowbit.eval.data import load_tokenizer
+    from lowbit.quant.aqlm import AQLMConfig
+    from lowbit.quant.aqlm_pipeline import quantize_to_aqlm
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from families import build_family_model
+
+    root = tmp_path_factory.mktemp("aqlm")
+    sources = {"real-2x8": small_model_dir, "qwen2-2x8": build_family_model("qwen2", root / "qwen2"),
+               "llama3-1x16": build_family_model("llama3", root / "llama3", overrides={
+                   "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2})}
+    out = {}
+    for which, src in sources.items():
+        ncb, nbits = (1, 16) if which.endswith("1x16") else (2, 8)
+        calib = build_calibration(load_tokenizer(src), default_calib_text(), CalibConfig(8, 128, seed=0))
+        out[which] = root / f"{which}-out"
+        quantize_to_aqlm(src, AQLMConfig(ncb, nbits, beam=2, rounds=1, cg_iters=3, kmeans_iters=4), out[which],
+                         calib=calib)
+    return out
+
+
+@pytest.mark.parametrize("which", ["real-2x8", "qwen2-2x8", "llama3-1x16"])
+def test_transformers_aqlm_loads_lowbit_folders(aqlm_folders, session, tmp_path: Path, which: str) -> None:
+    """transformers 5.24 + aqlm 1.1.7 load the folder with no missing or unexpected keys; every weight aqlm
+    dequantizes equals lowbit's reader bit for bit, and its logits (through aqlm's own kernels: numba LUT for
+    2x8, dequantize-then-matmul for 1x16) match lowbit's float32 forward: KLD < 1e-3."""
+    import os
+
+    from lowbit.eval.metrics import token_kld
+    from lowbit.formats.aqlm import AQLMWeights
+    from lowbit.model.forward import iter_logits
+
+    ours = AQLMWeights(aqlm_folders[which])
+    tokens = session.windows.tokens[:2, :128] % ours.spec.vocab_size
+    save_file({"tokens": tokens.contiguous()}, tmp_path / "tokens.safetensors")
+    run = subprocess.run([str(venv_python("aqlm")), str(ROOT / "tests" / "consumers" / "aqlm_load.py"),
+                          str(aqlm_folders[which]), str(tmp_path / "tokens.safetensors"),
+                          str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert "missing" not in log.lower() and "unexpected" not in log.lower() and "WARNING" not in log, log[-2000:]
+    theirs = load_file(tmp_path / "out.safetensors")
+    assert sorted(k for k in theirs if k != "logits") == sorted(ours.quantized_names)
+    for name in ours.quantized_names:
+        assert torch.equal(theirs[name], ours.tensor(name)), name
+    mine = torch.stack([lg for _, lg in iter_logits(ours, tokens)])
+    vocab = mine.shape[-1]
+    kld = token_kld(torch.log_softmax(mine.reshape(-1, vocab), -1), theirs["logits"].reshape(-1, vocab)).mean().item()
+    print(f"\n{which}: KLD lowbit forward vs transformers+aqlm {kld:.2e}")
+    assert kld < 1e-3
