@@ -324,7 +324,7 @@ def compare(
                                 help="Comma-separated configs of any kind: method:bits:group[:flags] (a lowbit "
                                      "checkpoint), ...@compressed-tensors|gptq|awq (an HF export), "
                                      "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq] (a GGUF), bnb:nf4|int8[:gptq] "
-                                     "(bitsandbytes)."),
+                                     "(bitsandbytes), aqlm:2x8|1x16[:bBEAM][:rROUNDS] (AQLM)."),
     eval_text: Optional[str] = EvalTextOpt,
     calib_text: Optional[str] = CalibTextOpt,
     ctx: int = CtxOpt,
