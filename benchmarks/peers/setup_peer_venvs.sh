@@ -108,12 +108,33 @@ PY
     echo "bnb venv ready: $v"
 }
 
+setup_mlx() {
+    local v="$VENVS/mlx"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "mlx venv ready: $v"; return; fi
+    mkdir -p "$VENVS"
+    [ -x "$v/bin/python" ] || "$PY" -m venv "$v"
+    "$v/bin/python" -m pip install -q --upgrade pip wheel
+    # mlx 0.32.4 (its Linux CPU build, the [cpu] extra: `mlx-cpu` alone gives no mlx.core on Linux) and
+    # mlx-lm 0.32.2: the consumer of lowbit's --format mlx folders. Neither needs torch, so none is installed.
+    "$v/bin/python" -m pip install -q "mlx[cpu]==0.32.4" "mlx-lm==0.32.2" safetensors numpy
+    "$v/bin/python" - <<'PY'
+import importlib.util
+import mlx.core as mx, mlx_lm
+from importlib.metadata import version
+assert importlib.util.find_spec("torch") is None
+print("mlx", mx.__version__, "mlx-lm", version("mlx-lm"), "default device", mx.default_device())
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "mlx venv ready: $v"
+}
+
 case "$WHICH" in
     llmcompressor) setup_llmcompressor ;;
     gptqmodel) setup_gptqmodel ;;
     vllm) setup_vllm ;;
     hqq) setup_hqq ;;
     bnb) setup_bnb ;;
+    mlx) setup_mlx ;;
     all) setup_llmcompressor; setup_gptqmodel ;;
     *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|hqq|bnb|all]" >&2; exit 2 ;;
 esac

@@ -119,7 +119,8 @@ def quantize(
     no_measure: bool = NoMeasureOpt,
     fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq, awq or bnb "
                             "(bitsandbytes: --bits 4 is NF4 with double quant, --bits 8 LLM.int8; --method rtn|gptq) or aqlm "
-                            "(additive codebooks, about 2 bits/weight: --codebooks 2x8|1x16; calibrated)."),
+                            "(additive codebooks, about 2 bits/weight: --codebooks 2x8|1x16; calibrated) or mlx (mlx_lm's affine "
+                            "format; --method mlx is mx.quantize's own grid)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
@@ -153,6 +154,9 @@ def quantize(
         _quantize_aqlm(model, codebooks, beam, rounds, seed, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
+    if fmt == "mlx" and method == "mlx":  # mx.quantize's own grid, as mlx_lm.convert writes it
+        _quantize_mlx_reference(model, bits, group_size, output, overwrite)
+        return
     from lowbit.formats.atomic import check_writable_target
     from lowbit.model.default import resolve_model
     from lowbit.quant.grid import GridConfig
@@ -169,6 +173,11 @@ def quantize(
 
         calibrate = (lambda: _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)) \
             if METHODS[method].needs_calibration else None
+        if fmt == "mlx":
+            from lowbit.formats import mlx
+
+            mlx.quantize_and_export(model_dir, qcfg, output, overwrite, calibrate, not no_measure)
+            return
         quantize_and_export(model_dir, qcfg, output, fmt, overwrite, calibrate, not no_measure)
         return
     calib = None
@@ -204,6 +213,16 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
+
+
+def _quantize_mlx_reference(model, bits, group_size, output, overwrite) -> None:
+    from lowbit.formats.mlx import quantize_model_mlx
+    from lowbit.model.default import resolve_model
+    from lowbit.report.progress import info
+
+    meta = quantize_model_mlx(resolve_model(model), output, bits, group_size, overwrite=overwrite)
+    info(f"wrote {output}  (mlx, mx.quantize's grid: {bits}-bit, groups of {group_size}, embedding included as "
+         f"mlx_lm.convert does; {meta['file_bpw']:.3f} bits/weight; mlx_lm.load(PATH) loads it)")
 
 
 def _quantize_bnb(model, method, bits, damp, output, overwrite, calib_args) -> None:
@@ -262,7 +281,7 @@ def _quantize_recipe(model, recipe_path: Path, output: Path, overwrite: bool) ->
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A lowbit checkpoint folder (written by lowbit quantize)."),
-    fmt: str = typer.Option(..., "--format", help="compressed-tensors, gptq or awq."),
+    fmt: str = typer.Option(..., "--format", help="compressed-tensors, gptq, awq or mlx."),
     output: Path = typer.Option(..., "-o", "--output", help="Output HF model folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     no_measure: bool = NoMeasureOpt,
@@ -275,6 +294,11 @@ def export(
     """
     from lowbit.formats.hf_export import export_command
 
+    if fmt == "mlx":
+        from lowbit.formats import mlx
+
+        mlx.export_command(checkpoint, output, overwrite, not no_measure)
+        return
     export_command(checkpoint, fmt, output, overwrite, not no_measure)
 
 

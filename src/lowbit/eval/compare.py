@@ -173,7 +173,7 @@ class Session:
 # HF folders whose linears a quantizer stores packed in its own layout, by quant_method: lowbit reads them
 # with their own reader (formats/bnb.py, formats/aqlm.py), not the grid exports' HFExport.
 PACKED_METHODS = {"bitsandbytes": "bnb", "aqlm": "aqlm"}
-PACKED_KINDS = tuple(PACKED_METHODS.values())
+PACKED_KINDS = (*PACKED_METHODS.values(), "mlx")  # mlx: an MLX affine folder (formats/mlx.py), no quant_method
 
 
 def artifact_kind(path: Path) -> str:
@@ -183,6 +183,8 @@ def artifact_kind(path: Path) -> str:
         return "gguf"
     if (path / "lowbit.json").is_file():
         return "lowbit"
+    if (path / "config.json").is_file() and _is_mlx(_read_json(path / "config.json")):
+        return "mlx"
     if (path / "config.json").is_file() and "quantization_config" in _read_json(path / "config.json"):
         method = (_read_json(path / "config.json").get("quantization_config") or {}).get("quant_method")
         return PACKED_METHODS.get(method, "hf-export")
@@ -209,7 +211,17 @@ def open_artifact(path: Path) -> WeightSource:
         from lowbit.formats.aqlm import AQLMWeights
 
         return AQLMWeights(path)
+    if kind == "mlx":
+        from lowbit.formats.mlx import MLXWeights
+
+        return MLXWeights(path)
     return LowbitCheckpoint(path)
+
+
+def _is_mlx(config: dict) -> bool:
+    from lowbit.formats.mlx import is_mlx_config
+
+    return is_mlx_config(config)
 
 
 def artifact_source(path: Path) -> str | None:
