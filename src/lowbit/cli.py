@@ -44,12 +44,21 @@ DeviceOpt = typer.Option("cpu", "--device", help="Where each layer computes: cpu
                          "(a GPU when there is one). The model stays on disk either way.")
 OffloadOpt = typer.Option(False, "--offload-activations", help="Keep calibration/eval activations in (pinned) CPU "
                           "memory, copying each batch to the device, when they would not fit beside a layer.")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Accept a model whose config.json has auto_map (custom "
+                        "modelling code). lowbit never runs that code either way: its own forward reads the weights.")
 
 
-def _use_device(device: str, offload: bool) -> None:
+def _trust(on: bool) -> None:
+    from lowbit.model.arch import trust_remote_code
+
+    trust_remote_code(on)
+
+
+def _use_device(device: str, offload: bool, trust: bool = False) -> None:
     from lowbit.report.progress import info
     from lowbit.runtime import use_device
 
+    _trust(trust)
     where = use_device(device, offload)
     if not where.on_cpu:
         info(f"computing on {where.device}" + (" (activations offloaded to CPU memory)" if offload else ""))
@@ -131,6 +140,7 @@ def quantize(
                                           "types, method and calibration (the other quantize options are ignored)."),
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json), or a GGUF.
 
@@ -138,7 +148,7 @@ def quantize(
     (rtn = llama.cpp's own search; gptq / awq = calibrated). --bits/--group-size do not apply there.
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
-    _use_device(device, offload_activations)
+    _use_device(device, offload_activations, trust_remote_code)
     if recipe is not None:
         _quantize_recipe(model, recipe, output, overwrite)
         return
@@ -285,6 +295,7 @@ def export(
     output: Path = typer.Option(..., "-o", "--output", help="Output HF model folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
     no_measure: bool = NoMeasureOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Write a lowbit checkpoint as an HF folder transformers and vLLM load unmodified (atomically).
 
@@ -294,6 +305,7 @@ def export(
     """
     from lowbit.formats.hf_export import export_command
 
+    _trust(trust_remote_code)
     if fmt == "mlx":
         from lowbit.formats import mlx
 
@@ -321,9 +333,10 @@ def eval_cmd(
     as_json: bool = JsonOpt,
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Measure a quantized artifact against its FP model: PPL, KLD (mean, p99), top-1 agreement, tasks."""
-    _use_device(device, offload_activations)
+    _use_device(device, offload_activations, trust_remote_code)
     from lowbit.calib.text import check_disjoint
     from lowbit.eval.compare import RUNTIMES, artifact_kind, artifact_source, open_session
     from lowbit.model.default import resolve_model
@@ -364,9 +377,10 @@ def compare(
     as_json: bool = JsonOpt,
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Build MODEL with each config (any kind) and print one table against the FP model."""
-    _use_device(device, offload_activations)
+    _use_device(device, offload_activations, trust_remote_code)
     from lowbit.calib.text import check_disjoint
     from lowbit.model.default import resolve_model
     from lowbit.pipeline.candidates import parse_candidates
@@ -432,9 +446,10 @@ def run(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run folder with other settings."),
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """The whole job: calibrate, quantize the target's recommended candidates, measure, decide, export, report."""
-    _use_device(device, offload_activations)
+    _use_device(device, offload_activations, trust_remote_code)
     from lowbit.calib.text import check_disjoint
     from lowbit.model.default import resolve_model
     from lowbit.pipeline.decide import Thresholds
@@ -494,9 +509,10 @@ def imatrix(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs."),
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Compute an importance matrix (mean x^2 per input column of every linear) with the FP model."""
-    _use_device(device, offload_activations)
+    _use_device(device, offload_activations, trust_remote_code)
     from lowbit.calib.imatrix import compute_imatrix
     from lowbit.formats.atomic import check_writable_target
     from lowbit.formats.imatrix import write_imatrix_gguf, write_imatrix_lowbit
@@ -551,8 +567,10 @@ def plan(
     eval_ctx: int = typer.Option(512, "--eval-ctx", help="Verification window length."),
     windows: int = typer.Option(16, "--windows", help="Verification windows."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder: recipe.json, plan.gguf, plan.md."),
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Plan a mixed-precision GGUF to a budget, verify it end to end and write its recipe."""
+    _trust(trust_remote_code)
     from lowbit.calib.dataset import CalibConfig
     from lowbit.model.default import resolve_model
     from lowbit.pipeline.plan import Budget, PlanSettings, make_plan, parse_size
@@ -604,8 +622,10 @@ def memory(
     gpu: Optional[list[str]] = typer.Option(None, "--gpu", help="Target(s): 24GiB, 80GB, 2x24GiB, 4090, h100, "
                                                                 "h200, mac36, mac64 (default: the common ones)."),
     as_json: bool = JsonOpt,
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Weights, KV cache and runtime buffers of a deployment, and which GPUs it fits (no weights read)."""
+    _trust(trust_remote_code)
     import json
 
     from lowbit.pipeline.memory import memory_plan, render_memory
@@ -634,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         from lowbit.runtime import preserved_placement
 
         with preserved_placement():
-            app(args=argv, standalone_mode=False, prog_name="lowbit")
+            try:
+                app(args=argv, standalone_mode=False, prog_name="lowbit")
+            finally:
+                _trust(False)  # --trust-remote-code lasts one command
     except LowbitError as exc:
         print(f"lowbit: error: {exc}", file=sys.stderr)
         return 2

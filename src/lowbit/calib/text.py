@@ -65,7 +65,7 @@ def wiki_articles() -> list[tuple[str, str]]:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    with atomic_file(path) as tmp:
+    with atomic_file(path, lock=False) as tmp:  # a shared cache: concurrent fills write the same text
         tmp.write_text(text, encoding="utf-8")
     return path
 

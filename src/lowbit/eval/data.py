@@ -41,7 +41,7 @@ def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)  # never a folder's own code
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise LowbitError(f"{model_dir}: cannot load the tokenizer ({type(exc).__name__}); "
                           "the model folder needs tokenizer.json or tokenizer.model") from None

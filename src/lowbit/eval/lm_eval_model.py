@@ -229,6 +229,10 @@ class LowbitLM(TemplateLM):
         if device not in (None, "cpu"):
             raise LowbitError(f"--device {device}: the lowbit model runs lowbit's own CPU forward pass; "
                               "pass --device cpu")
+        if trust_remote_code is not None:  # lm-eval's own flag: lets an auto_map config through, runs no code
+            from lowbit.model.arch import trust_remote_code as allow_remote_code
+
+            allow_remote_code(_bool(trust_remote_code, "trust_remote_code"))
         artifact = artifact or pretrained
         if not artifact:
             raise LowbitError("the lowbit model needs --model_args artifact=PATH (a lowbit checkpoint, a .gguf "

@@ -80,7 +80,7 @@ def get_reference(source: WeightSource, model_path: Path, windows: EvalWindows) 
         return load_reference(path)
     vocab = source.spec.vocab_size
     shape = (windows.n_scored, vocab)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, lock=False) as tmp:  # shared cache
         logp = np.memmap(tmp / "logp.f16", dtype=np.float16, mode="w+", shape=shape)
         nll = np.empty(shape[0], np.float32)
         argmax = np.empty(shape[0], np.int32)

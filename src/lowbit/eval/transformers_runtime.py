@@ -31,7 +31,9 @@ def transformers_logits_fn(path: Path, fmt: str):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        # safetensors only (never a pickled .bin) and never the folder's own modelling code
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False).eval()
         with torch.inference_mode():
             for n in range(tokens.shape[0]):
                 yield n, model(tokens[n:n + 1]).logits[0].float()

@@ -241,7 +241,7 @@ def _sentencepiece_tokenizer_files(path: Path) -> dict[str, str]:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for a vocabulary it cannot rebuild
         raise LowbitError(f"{path}: its SentencePiece vocabulary cannot be rebuilt as a tokenizer ({exc})") from None
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,7 +260,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     cfg = gguf_config(reader, gguf_path)
     tok_files = gguf_tokenizer_files(reader, gguf_path)
     tensors = gguf_tensors(reader, cfg)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, lock=False) as tmp:  # the default model's cache folder
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         for name, text in tok_files.items():
             (tmp / name).write_text(text)

@@ -34,7 +34,7 @@ from lowbit.formats.atomic import atomic_dir, check_writable_target
 from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.formats.safetensors_io import SHARD_BYTES, ShardedWriter, TensorStore
-from lowbit.model.arch import LINEARS, arch_for
+from lowbit.model.arch import LINEARS, arch_for, check_remote_code
 from lowbit.model.forward import StoredWeights
 from lowbit.model.hf import expected_tensor_names, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
@@ -443,9 +443,13 @@ def read_folder_config(folder: Path) -> dict[str, Any]:
     """config.json of a quantized HF folder, or a one-line error naming the file."""
     cfg_path = folder / "config.json"
     try:
-        return json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LowbitError(f"{cfg_path}: cannot read config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise LowbitError(f"{cfg_path}: config.json must hold a JSON object; fix or re-download it")
+    check_remote_code(config, str(cfg_path))
+    return config
 
 
 class HFExport(StoredWeights):

@@ -27,7 +27,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.safetensors_io import ShardedWriter, TensorStore
-from lowbit.model.arch import arch_for
+from lowbit.model.arch import arch_for, check_remote_code
 from lowbit.model.forward import StoredWeights
 from lowbit.model.hf import ModelFolder, expected_tensor_names, spec_from_config
 from lowbit.quant.grid import GridConfig, QuantizedTensor, pack_bits, unpack_bits
@@ -101,6 +101,7 @@ class LowbitCheckpoint(StoredWeights):
         if self.meta.get("format") != FORMAT_NAME or self.meta.get("version") != FORMAT_VERSION:
             raise LowbitError(f"{meta_path}: unsupported checkpoint format/version")
         self.config = json.loads((self.path / "config.json").read_text())
+        check_remote_code(self.config, str(self.path / "config.json"))
         self.store = TensorStore(self.path)
         self.spec = spec_from_config(self.config, arch_for(self.config.get("model_type"), str(meta_path)),
                                      self.path / "config.json")

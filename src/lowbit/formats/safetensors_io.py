@@ -44,15 +44,28 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def is_plain_file_name(name: object) -> bool:
+    """A name from an input file that may be joined onto its folder: one plain path component, no
+    separators, no `..`, nothing absolute, no NUL (so it can neither leave the folder nor climb out)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
+
+
 def shard_files(folder: Path) -> list[Path]:
     """The safetensors shards of a folder, via its index when there is one."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise LowbitError(f"{index}: invalid index ({exc}); re-download it") from None
-        files = sorted({folder / f for f in weight_map.values()})
+            names = set(weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise LowbitError(f"{index}: invalid index ({exc!r}); re-download it") from None
+        for name in sorted(names, key=str):
+            if not is_plain_file_name(name):
+                raise LowbitError(f"{index}: shard name {str(name)[:200]!r} is not a file name inside {folder}; "
+                                  "lowbit reads shards only from the model folder itself; fix or re-download the "
+                                  "index")
+        files = sorted({folder / f for f in names})
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise LowbitError(f"{missing[0]}: shard listed in {index.name} is missing; re-download it")

@@ -109,6 +109,30 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+# --trust-remote-code: set for one command by the CLI (lowbit.cli), or by an API user
+_TRUST_REMOTE_CODE = [False]
+
+
+def trust_remote_code(on: bool) -> None:
+    """Let configs that name custom modelling code (auto_map) through. lowbit still never imports or runs
+    that code: its own forward reads the tensors by the arch table whatever the config names."""
+    _TRUST_REMOTE_CODE[0] = bool(on)
+
+
+def check_remote_code(config: dict, where: str) -> None:
+    """Refuse a config.json whose auto_map names custom modelling code, unless --trust-remote-code.
+
+    Such a folder is written for code lowbit would have to trust blindly (transformers imports it with
+    trust_remote_code=True); it is refused with one line naming the file and the fix."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if auto_map and not _TRUST_REMOTE_CODE[0]:
+        names = ", ".join(sorted(map(str, auto_map))) if isinstance(auto_map, dict) else str(auto_map)[:80]
+        raise LowbitError(
+            f"{where}: auto_map names custom modelling code (for {names}); lowbit never runs it and reads only the "
+            "tensors of its own Llama-family layout; pass --trust-remote-code to proceed without that code, or "
+            "remove auto_map from config.json")
+
+
 def arch_for(model_type: str | None, where: str) -> Arch:
     """Look up a model_type, failing with the list of supported ones."""
     if model_type not in ARCHS:

@@ -19,7 +19,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.formats.safetensors_io import TensorStore
-from lowbit.model.arch import IGNORED_SUFFIXES, Arch, arch_for, layer_name
+from lowbit.model.arch import IGNORED_SUFFIXES, Arch, arch_for, check_remote_code, layer_name
 
 SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
 
@@ -79,6 +79,9 @@ class ModelFolder:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LowbitError(f"{cfg_path}: invalid JSON ({exc}); fix or re-download it") from None
+        if not isinstance(self.config, dict):
+            raise LowbitError(f"{cfg_path}: config.json must hold a JSON object; fix or re-download it")
+        check_remote_code(self.config, str(cfg_path))
         self.arch = arch_for(self.config.get("model_type"), str(cfg_path))
         self.store = TensorStore(self.path)
         for name, dtype in self.store.dtypes.items():

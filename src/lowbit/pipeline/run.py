@@ -29,6 +29,7 @@ from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.compare import EvalSettings, Session, open_session
 from lowbit.eval.reference import folder_fingerprint
+from lowbit.formats.atomic import output_lock
 from lowbit.pipeline.candidates import BuildContext, Candidate, build_candidate, parse_candidate
 from lowbit.pipeline.compare import score_candidate
 from lowbit.pipeline.decide import CommandHint, Thresholds, Verdict, decide_run
@@ -177,7 +178,14 @@ def fp_row(st: RunState) -> dict:
 
 
 def run(cfg: RunConfig, calibrate, overwrite: bool = False, command: str = "") -> dict:
-    """Walk the ladder, decide, export, and write results.json; returns the results."""
+    """Walk the ladder, decide, export, and write results.json; returns the results.
+
+    The run folder's output lock is held throughout: a second process on the same -o is refused."""
+    with output_lock(cfg.out):
+        return _run(cfg, calibrate, overwrite, command)
+
+
+def _run(cfg: RunConfig, calibrate, overwrite: bool, command: str) -> dict:
     t0 = time.perf_counter()
     prepare_out(cfg, overwrite)
     calib: CalibSet = calibrate()

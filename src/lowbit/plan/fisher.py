@@ -76,7 +76,7 @@ def diagonal_fisher(model_dir: Path, calib: CalibSet, work: Path) -> Fisher:
             advance()
         for i in range(start, -1, -1):
             grad, layer_fisher = _layer_backward(folder, i, inputs[i], grad)
-            with atomic_file(work / f"layer{i:04d}.safetensors") as tmp:
+            with atomic_file(work / f"layer{i:04d}.safetensors", lock=False) as tmp:  # shared cache
                 save_file({**layer_fisher, "__grad__": grad.contiguous()}, str(tmp))
             fisher.update(layer_fisher)
             advance()
@@ -85,7 +85,7 @@ def diagonal_fisher(model_dir: Path, calib: CalibSet, work: Path) -> Fisher:
         embed_fisher[name] = embed_fisher[name] + f if name in embed_fisher else f
     fisher.update(embed_fisher)
     fisher = {k: (v / n_tokens).contiguous() for k, v in fisher.items()}
-    with atomic_file(done) as tmp:
+    with atomic_file(done, lock=False) as tmp:  # shared cache
         save_file(fisher, str(tmp))
     for part in work.glob("layer*.safetensors"):
         part.unlink()

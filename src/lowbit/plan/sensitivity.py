@@ -75,7 +75,7 @@ def cost_table(folder: ModelFolder, fisher: dict[str, torch.Tensor], imatrix: Im
                                    float(0.5 * (f * (deq - w).square()).sum(dtype=torch.float64))))
             table[name] = opts
             advance()
-    with atomic_file(cache) as tmp:
+    with atomic_file(cache, lock=False) as tmp:  # shared cache
         tmp.write_text(json.dumps({"key": key, "table": {n: [asdict(o) for o in opts] for n, opts in table.items()}}))
     return table
 

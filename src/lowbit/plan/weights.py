@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.model.arch import arch_for
+from lowbit.model.arch import arch_for, check_remote_code
 from lowbit.model.hf import ModelSpec, expected_tensor_shapes, spec_from_config
 
 HF_FORMATS = ("compressed-tensors", "gptq", "awq")
@@ -91,6 +91,7 @@ def load_config(model: Path | None, config: Path | None) -> tuple[dict[str, Any]
         raise LowbitError(f"{path}: not a readable JSON config ({exc}); fix or re-download config.json") from None
     if not isinstance(doc, dict):
         raise LowbitError(f"{path}: config.json must hold a JSON object")
+    check_remote_code(doc, str(path))
     return doc, (path.parent if config is None else None)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from lowbit import __version__
 from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
-from lowbit.formats.atomic import atomic_dir, check_writable_target
+from lowbit.formats.atomic import acquire_output_lock, atomic_dir, check_writable_target, release_output_lock
 from lowbit.formats.lowbit_ckpt import LowbitWriter
 from lowbit.model.arch import LINEARS, layer_name, layer_tensor_name
 from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
@@ -132,12 +133,16 @@ def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], deq: dict[str, torch.
 
 
 class PartialRun:
-    """The `.OUT.partial` folder: per-layer results, the latest activations and a state file."""
+    """The `.OUT.partial` folder: per-layer results, the latest activations and a state file.
+
+    It holds OUT's output lock (lowbit.formats.atomic) from creation until remove(), or until it is
+    garbage collected after a failure, so a second process writing the same OUT is refused."""
 
     def __init__(self, out: Path, key: str):
         self.dir = out.parent / f".{out.name}.partial"
         self.key = key
         self.done = 0
+        self._lock = weakref.finalize(self, release_output_lock, acquire_output_lock(out))
         state = self.dir / "state.json"
         if state.is_file():
             saved = json.loads(state.read_text())
@@ -191,6 +196,7 @@ class PartialRun:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._lock()  # release OUT's lock (once; a finalizer runs at most one time)
 
 
 def run_key(model_dir: Path, qcfg, calib: CalibSet | None) -> str:
