@@ -1,6 +1,7 @@
 """The seeds' other methods side by side with their reference packages: one model, one run, two texts.
 
-    python benchmarks/methods.py [--bits 4,3,2] [--group 64] [--windows 16]
+    python benchmarks/methods.py [--sections hqq,bnb,autoround] [--bits 4,3,2] [--group 64] [--windows 16]
+        [--samples 64 --seqlen 512] [--iters 50] [--name methods]
 
 Each contender quantizes in its own process (wall time and peak RSS measured there); every row is scored by
 lowbit's forward pass and KLD code against the same cached FP reference, on held-out Wikipedia and on Botchan
@@ -14,6 +15,13 @@ dequantized float32 weights. Sections:
     transformers. Both are bitsandbytes files; lowbit's reader scores them (its dequantization is checked
     bit for bit against bitsandbytes' in tests/test_consumers_methods.py). Calibration: --samples x --seqlen
     tokens of the Wikipedia calibration split.
+  * autoround: lowbit `autoround:4:128:iN` against the auto-round package (SignRound, W4G128 symmetric, the
+    same N = --iters iterations, mini-batch 8, and the very same --samples x --seqlen calibration tokens:
+    the token matrix lowbit draws is handed to auto-round as ready token ids), with lowbit rtn:4:128 and
+    gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit `autoround:B:G:iN`
+    against lowbit `gptq:B:G` (and rtn). auto-round runs in float32 (its CPU default, amp, would tune in
+    bfloat16), torch.compile at its default; its row's "quantize s" is its own `quantize()` call, and
+    process_s the whole child process (load, quantize, writing the weights), as lowbit's rows are timed.
 
 Writes benchmarks/results/<name>.json and .md, rewritten after every row.
 """
@@ -52,11 +60,12 @@ def score_all(sessions: dict, source, label: str, bpw: float, size: int, wall: f
     return row
 
 
-def lowbit_row(sessions: dict, model_dir: Path, config: str, work: Path) -> dict:
+def lowbit_row(sessions: dict, model_dir: Path, config: str, work: Path, calib_npy: Path | None = None) -> dict:
     from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 
     out = work / config.replace(":", "_")
-    wall, rss = run_child(sys.executable, HERE / "quantize_one.py", [str(model_dir), config, str(out)])
+    wall, rss = run_child(sys.executable, HERE / "quantize_one.py",
+                          [str(model_dir), config, str(out)] + ([str(calib_npy)] if calib_npy else []))
     ck = LowbitCheckpoint(out)
     return score_all(sessions, ck, f"lowbit {config}", ck.meta["stats"]["bpw"], ck.size_bytes(), wall, rss,
                      tool="lowbit")
@@ -97,6 +106,56 @@ def bnb_peer_row(sessions: dict, model_dir: Path, kind: str, work: Path) -> dict
                      rss, tool="bitsandbytes", version=info["versions"]["bitsandbytes"], process_s=round(wall, 1))
 
 
+def autoround_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, iters: int, work: Path,
+                       calib_npy: Path) -> dict:
+    out = work / f"autoround-{bits}-{group}-i{iters}"
+    wall, rss = run_child(str(ensure_peer_venv("autoround")), HERE / "peers" / "autoround_quantize.py",
+                          ["--model", str(model_dir), "--calib-tokens", str(calib_npy), "--out", str(out),
+                           "--bits", str(bits), "--group-size", str(group), "--iters", str(iters)])
+    info = json.loads((out / "peer.json").read_text())
+    if info["unquantized_layers"]:
+        raise RuntimeError(f"auto-round left decoder linears off its grid: {info['unquantized_layers'][:5]}")
+    return score_all(sessions, FolderWeights(ModelFolder(out / "dequantized")),
+                     f"auto-round {bits}:{group}:i{iters}", info["bpw"], 0, info["quantize_wall_s"], rss,
+                     tool="auto-round", version=info["versions"]["auto-round"], process_s=round(wall, 1),
+                     settings=info["settings"], grid=info["grid"])
+
+
+def write_calib(model_dir: Path, work: Path, samples: int, seqlen: int) -> tuple[Path, dict]:
+    """lowbit's calibration matrix (Wikipedia calibration split, seed 0) as the .npy every contender reads."""
+    import numpy as np
+
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.text import default_calib_text
+    from lowbit.eval.data import load_tokenizer
+
+    calib = build_calibration(load_tokenizer(model_dir), default_calib_text(), CalibConfig(samples, seqlen, seed=0))
+    calib_npy = work / "calib.npy"
+    np.save(calib_npy, calib.tokens.numpy())
+    return calib_npy, calib.summary
+
+
+def autoround_notes(rows: list[dict], bits: list[int], group: int, iters: int) -> str:
+    """The issue's acceptance figures, read off the rows: lowbit / auto-round at W4G128, autoround vs gptq below."""
+    by = {r["contender"]: r for r in rows}
+    out = []
+    peer, ours = by.get(f"auto-round 4:128:i{iters}"), by.get(f"lowbit autoround:4:128:i{iters}")
+    if peer and ours:
+        k = " / ".join(f"{t} {ours[t]['kld_mean'] / peer[t]['kld_mean']:.2f}x" for t in TEXTS)
+        out.append(f"- W4G128, {iters} iterations: lowbit / auto-round KLD {k}; time {ours['quantize_s']} s vs "
+                   f"{peer['process_s']} s whole process ({ours['quantize_s'] / peer['process_s']:.2f}x), "
+                   f"vs {peer['quantize_s']} s auto-round quantize() alone "
+                   f"({ours['quantize_s'] / peer['quantize_s']:.2f}x).")
+    for b in bits:
+        g = 128 if b == 4 else group
+        ar, gq = by.get(f"lowbit autoround:{b}:{g}:i{iters}"), by.get(f"lowbit gptq:{b}:{g}")
+        if ar and gq:
+            k = " / ".join(f"{t} {ar[t]['kld_mean']:.4f} vs {gq[t]['kld_mean']:.4f} "
+                           f"({ar[t]['kld_mean'] / gq[t]['kld_mean']:.2f}x)" for t in TEXTS)
+            out.append(f"- {b}-bit g{g}: lowbit autoround vs lowbit gptq KLD {k}.")
+    return "\n".join(out) + "\n" if out else ""
+
+
 def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = [f"# {path.stem}", "",
@@ -122,6 +181,7 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=50, help="autoround: iterations per block, lowbit and auto-round")
     ap.add_argument("--name", default="methods")
     args = ap.parse_args()
     model_dir = resolve_model(args.model)
@@ -143,17 +203,7 @@ def main() -> int:
                 write_results(results, meta, rows)
                 print(f"done hqq {b}-bit", file=sys.stderr, flush=True)
         if "bnb" in args.sections.split(","):
-            import numpy as np
-
-            from lowbit.calib.dataset import CalibConfig, build_calibration
-            from lowbit.calib.text import default_calib_text
-            from lowbit.eval.data import load_tokenizer
-
-            calib = build_calibration(load_tokenizer(model_dir), default_calib_text(),
-                                      CalibConfig(args.samples, args.seqlen, seed=0))
-            calib_npy = work / "calib.npy"
-            np.save(calib_npy, calib.tokens.numpy())
-            meta["calibration"] = calib.summary
+            calib_npy, meta["calibration"] = write_calib(model_dir, work, args.samples, args.seqlen)
             for kind in ("nf4", "int8"):
                 rows.append(bnb_peer_row(sessions, model_dir, kind, work))
                 write_results(results, meta, rows)
@@ -161,6 +211,25 @@ def main() -> int:
                     rows.append(lowbit_bnb_row(sessions, model_dir, cfg, work, calib_npy))
                     write_results(results, meta, rows)
                 print(f"done bnb {kind}", file=sys.stderr, flush=True)
+        if "autoround" in args.sections.split(","):
+            calib_npy, meta["calibration"] = write_calib(model_dir, work, args.samples, args.seqlen)
+            meta["iters"] = args.iters
+            it = args.iters
+            for b in bits:
+                g = 128 if b == 4 else args.group
+                if b == 4:
+                    try:
+                        rows.append(autoround_peer_row(sessions, model_dir, 4, 128, it, work, calib_npy))
+                    except RuntimeError as exc:
+                        (results.parent / f"{args.name}.autoround.error.txt").write_text(str(exc) + "\n")
+                        meta["notes"] += f"auto-round failed: {str(exc).splitlines()[-1]}\n"
+                    write_results(results, meta, rows)
+                for cfg in (f"autoround:{b}:{g}:i{it}", f"gptq:{b}:{g}", f"rtn:{b}:{g}"):
+                    calib = None if cfg.startswith("rtn") else calib_npy
+                    rows.append(lowbit_row(sessions, model_dir, cfg, work, calib))
+                    write_results(results, meta, rows)
+                print(f"done autoround {b}-bit", file=sys.stderr, flush=True)
+            meta["notes"] += "\n" + autoround_notes(rows, bits, args.group, it)
     write_results(results, meta, rows)
     print(results.with_suffix(".md").read_text())
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the isolated venvs used by the peer quantizer scripts in this folder.
 #
-#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|vllm|hqq|bnb|all]   (default: all; vllm, hqq, bnb only by name)
+#   benchmarks/peers/setup_peer_venvs.sh [llmcompressor|gptqmodel|vllm|hqq|bnb|autoround|aqlm|all]
+#   (default: all; vllm, hqq, bnb, autoround, aqlm only by name)
 #
 # Venvs live in benchmarks/.venvs/<name> (git-ignored). Each is skipped when its
 # stamp file (.lowbit-stamp) exists; delete the venv folder to rebuild it.
@@ -108,6 +109,41 @@ PY
     echo "bnb venv ready: $v"
 }
 
+setup_autoround() {
+    local v="$VENVS/autoround"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "autoround venv ready: $v"; return; fi
+    v="$(mkvenv autoround)"
+    # auto-round 0.16.1: the reference SignRound quantizer (benchmarks/peers/autoround_quantize.py).
+    "$v/bin/python" -m pip install -q "$TORCH" "auto-round==0.16.1" "transformers==5.24.0" safetensors numpy
+    "$v/bin/python" - <<'PY'
+import torch, auto_round, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+from auto_round import AutoRound
+print("torch", torch.__version__, "auto-round", auto_round.__version__, "transformers", transformers.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "autoround venv ready: $v"
+}
+
+setup_aqlm() {
+    local v="$VENVS/aqlm"
+    if [ -f "$v/.lowbit-stamp" ]; then echo "aqlm venv ready: $v"; return; fi
+    v="$(mkvenv aqlm)"
+    # transformers + aqlm 1.1.7 (its numba CPU kernels): the real consumer of lowbit's AQLM folders.
+    # Its 2x8/1x8 numba kernel races between threads: run consumers with NUMBA_NUM_THREADS=1.
+    "$v/bin/python" -m pip install -q "$TORCH" "aqlm[cpu]==1.1.7" "transformers==5.24.0" "accelerate==1.16.0" \
+        safetensors numpy
+    "$v/bin/python" - <<'PY'
+import torch, aqlm, numba, transformers
+assert torch.__version__.startswith("2.13.0"), torch.__version__
+from importlib.metadata import version
+print("torch", torch.__version__, "aqlm", version("aqlm"), "numba", numba.__version__,
+      "transformers", transformers.__version__)
+PY
+    "$v/bin/python" -m pip freeze > "$v/.lowbit-stamp"
+    echo "aqlm venv ready: $v"
+}
+
 setup_mlx() {
     local v="$VENVS/mlx"
     if [ -f "$v/.lowbit-stamp" ]; then echo "mlx venv ready: $v"; return; fi
@@ -134,7 +170,9 @@ case "$WHICH" in
     vllm) setup_vllm ;;
     hqq) setup_hqq ;;
     bnb) setup_bnb ;;
+    autoround) setup_autoround ;;
+    aqlm) setup_aqlm ;;
     mlx) setup_mlx ;;
     all) setup_llmcompressor; setup_gptqmodel ;;
-    *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|hqq|bnb|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [llmcompressor|gptqmodel|vllm|hqq|bnb|autoround|aqlm|all]" >&2; exit 2 ;;
 esac
