@@ -85,6 +85,9 @@ def main() -> int:
         w, b = r["wiki"], r["botchan"]
         md.append(f"| {r['contender']} | {r['bpw']:.3f} | {w['kld_mean']:.4f} | {w['kld_p99']:.3f} | {w['top1']:.4f} "
                   f"| {w['ppl']:.2f} | {b['kld_mean']:.4f} | {b['top1']:.4f} | {b['ppl']:.2f} | {r['quantize_s']} |")
+    md += ["", "A GGUF row's bpw is what llama.cpp's mix writes for this model: on SmolLM2 every 576-wide tensor falls "
+           "back from Q2_K to Q4_0 (llama.cpp's rule for rows that are not a multiple of 256), so its Q2_K is not a "
+           "2-bit file. Quantize times come from one run each on 2 shared cores (other benchmarks ran beside them)."]
     res.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
