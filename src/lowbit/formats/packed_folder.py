@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.formats.atomic import atomic_dir
 from lowbit.formats.coverage import check_nothing_dropped
 from lowbit.formats.safetensors_io import ShardedWriter
@@ -27,6 +28,17 @@ SEP = "::"  # short name :: suffix, in the per-layer tensors
 
 def packed_key(short: str, suffix: str) -> str:
     return f"{short}{SEP}{suffix}"
+
+
+def check_row_widths(folder: ModelFolder, multiple: int, why: str) -> None:
+    """One-line refusal, before any work, of a decoder Linear whose row width is not a multiple of `multiple`
+    (`why` ends the message: what would go wrong and what to do instead)."""
+    for i in range(folder.spec.num_layers):
+        for t in folder.arch.layer_tensors():
+            if t.is_linear:
+                name = layer_name(folder.arch, i, t)
+                if folder.shape(name)[1] % multiple:
+                    raise LowbitError(f"{name}: {folder.shape(name)[1]} inputs is not a multiple of {multiple}; {why}")
 
 
 def write_packed_folder(folder: ModelFolder, out: Path, load_layer: Callable[[int], dict[str, torch.Tensor]],

@@ -19,8 +19,8 @@ from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.formats import aqlm as aqlm_format
 from lowbit.formats.atomic import check_writable_target
-from lowbit.formats.packed_folder import packed_key, write_packed_folder
-from lowbit.model.arch import LINEARS, layer_name
+from lowbit.formats.packed_folder import check_row_widths, packed_key, write_packed_folder
+from lowbit.model.arch import LINEARS
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import aqlm
 from lowbit.quant.aqlm import AQLMConfig
@@ -38,13 +38,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def check_shapes(folder: ModelFolder, cfg: AQLMConfig) -> None:
     """A row is cut into groups of in_group inputs; aqlm's layer asserts the width divides."""
-    for i in range(folder.spec.num_layers):
-        for t in folder.arch.layer_tensors():
-            if t.is_linear:
-                name = layer_name(folder.arch, i, t)
-                if folder.shape(name)[1] % cfg.in_group:
-                    raise LowbitError(f"{name}: {folder.shape(name)[1]} inputs is not a multiple of the AQLM "
-                                      f"group {cfg.in_group}; use another format")
+    check_row_widths(folder, cfg.in_group, "AQLM groups would straddle rows; use another format")
 
 
 def quantize_layer(w: dict[str, torch.Tensor], x: torch.Tensor, cfg: AQLMConfig, spec: ModelSpec, rope,

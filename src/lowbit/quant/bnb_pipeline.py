@@ -24,8 +24,8 @@ from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.formats import bnb
 from lowbit.formats.atomic import check_writable_target
-from lowbit.formats.packed_folder import packed_key, write_packed_folder
-from lowbit.model.arch import LINEARS, layer_name
+from lowbit.formats.packed_folder import check_row_widths, packed_key, write_packed_folder
+from lowbit.model.arch import LINEARS
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import int8, nf4
 from lowbit.quant.gptq import GPTQConfig
@@ -67,15 +67,8 @@ class BnbConfig:
 
 def check_shapes(folder: ModelFolder, kind: str) -> None:
     """NF4 blocks of 64 run along rows; a row width that is not a multiple of 64 would straddle rows."""
-    if kind != "nf4":
-        return
-    for i in range(folder.spec.num_layers):
-        for t in folder.arch.layer_tensors():
-            if t.is_linear:
-                name = layer_name(folder.arch, i, t)
-                if folder.shape(name)[1] % nf4.BLOCK:
-                    raise LowbitError(f"{name}: {folder.shape(name)[1]} inputs is not a multiple of {nf4.BLOCK}; "
-                                      "NF4 blocks would straddle rows (use --bits 8 or another format)")
+    if kind == "nf4":
+        check_row_widths(folder, nf4.BLOCK, "NF4 blocks would straddle rows (use --bits 8 or another format)")
 
 
 def quantize_linear(weight: torch.Tensor, cfg: BnbConfig, fh: FactoredHessian | None
