@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from consumer_checks import same_weights_and_kld
 from safetensors.torch import load_file, save_file
 
 from lowbit.model.hf import ModelFolder
@@ -77,9 +78,7 @@ def test_transformers_bitsandbytes_loads_lowbit_folders(bnb_folders, session, tm
     """transformers + bitsandbytes 0.50.2 load the folder with no missing or unexpected keys; every quantized
     weight it dequantizes equals lowbit's reader bit for bit; NF4 logits match lowbit's float32 forward
     (KLD < 1e-3). INT8 runs LLM.int8's int8 activations, so its logits are only required to stay close."""
-    from lowbit.eval.metrics import token_kld
     from lowbit.formats.bnb import BnbWeights
-    from lowbit.model.forward import iter_logits
 
     tokens = session.windows.tokens[:2]
     save_file({"tokens": tokens.contiguous()}, tmp_path / "tokens.safetensors")
@@ -90,13 +89,7 @@ def test_transformers_bitsandbytes_loads_lowbit_folders(bnb_folders, session, tm
     log = run.stdout + run.stderr
     assert "missing" not in log.lower() and "unexpected" not in log.lower(), log[-2000:]
     theirs = load_file(tmp_path / "out.safetensors")
-    ours = BnbWeights(bnb_folders[which])
-    assert sorted(k for k in theirs if k != "logits") == sorted(ours.quantized_names)
-    for name in ours.quantized_names:
-        assert torch.equal(theirs[name], ours.tensor(name)), name
-    mine = torch.stack([lg for _, lg in iter_logits(ours, tokens)])
-    vocab = mine.shape[-1]
-    kld = token_kld(torch.log_softmax(mine.reshape(-1, vocab), -1), theirs["logits"].reshape(-1, vocab)).mean().item()
+    kld = same_weights_and_kld(theirs, BnbWeights(bnb_folders[which]), tokens)
     print(f"\n{which}: KLD lowbit forward vs transformers+bitsandbytes {kld:.2e}")
     assert kld < (1e-3 if which.startswith("nf4") else 0.05)
 
@@ -179,9 +172,7 @@ def test_transformers_aqlm_loads_lowbit_folders(aqlm_folders, session, tmp_path:
     2x8, dequantize-then-matmul for 1x16) match lowbit's float32 forward: KLD < 1e-3."""
     import os
 
-    from lowbit.eval.metrics import token_kld
     from lowbit.formats.aqlm import AQLMWeights
-    from lowbit.model.forward import iter_logits
 
     ours = AQLMWeights(aqlm_folders[which])
     tokens = session.windows.tokens[:2, :128] % ours.spec.vocab_size
@@ -193,12 +184,6 @@ def test_transformers_aqlm_loads_lowbit_folders(aqlm_folders, session, tmp_path:
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
     assert "missing" not in log.lower() and "unexpected" not in log.lower() and "WARNING" not in log, log[-2000:]
-    theirs = load_file(tmp_path / "out.safetensors")
-    assert sorted(k for k in theirs if k != "logits") == sorted(ours.quantized_names)
-    for name in ours.quantized_names:
-        assert torch.equal(theirs[name], ours.tensor(name)), name
-    mine = torch.stack([lg for _, lg in iter_logits(ours, tokens)])
-    vocab = mine.shape[-1]
-    kld = token_kld(torch.log_softmax(mine.reshape(-1, vocab), -1), theirs["logits"].reshape(-1, vocab)).mean().item()
+    kld = same_weights_and_kld(load_file(tmp_path / "out.safetensors"), ours, tokens)
     print(f"\n{which}: KLD lowbit forward vs transformers+aqlm {kld:.2e}")
     assert kld < 1e-3

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from consumer_checks import same_weights_and_kld
 from safetensors import safe_open
 
 from lowbit.formats import mlx
@@ -78,8 +78,6 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
 def test_mlx_lm_loads_lowbit_folders(folders, session, tmp_path: Path, which: str) -> None:
     from safetensors.torch import load_file
 
-    from lowbit.eval.metrics import token_kld
-    from lowbit.model.forward import iter_logits
 
     ours = mlx.MLXWeights(folders[which])
     tokens = session.windows.tokens[:2, :128] % ours.spec.vocab_size
@@ -87,13 +85,7 @@ def test_mlx_lm_loads_lowbit_folders(folders, session, tmp_path: Path, which: st
     run = subprocess.run([str(venv_python()), str(SCRIPT), "load", str(folders[which]), str(tmp_path / "tokens.npz"),
                           str(tmp_path / "out.safetensors")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    theirs = load_file(tmp_path / "out.safetensors")
-    assert sorted(k for k in theirs if k != "logits") == ours.quantized_names
-    for name in ours.quantized_names:
-        assert torch.equal(theirs[name], ours.tensor(name)), name
-    mine = torch.stack([lg for _, lg in iter_logits(ours, tokens)])
-    vocab = mine.shape[-1]
-    kld = token_kld(torch.log_softmax(mine.reshape(-1, vocab), -1), theirs["logits"].reshape(-1, vocab)).mean().item()
+    kld = same_weights_and_kld(load_file(tmp_path / "out.safetensors"), ours, tokens)
     print(f"\n{which}: KLD lowbit forward vs mlx_lm {kld:.2e}; {run.stdout.strip()}")
     assert kld < 1e-3
 
