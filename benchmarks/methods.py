@@ -8,7 +8,8 @@ lowbit's forward pass and KLD code against the same cached FP reference, on held
 (out of domain). Peers run in their own venvs (benchmarks/peers/setup_peer_venvs.sh NAME) and hand back
 dequantized float32 weights. Sections:
 
-  * hqq: lowbit `hqq:B:G:asym` (integer zeros, exportable) and `rtn:B:G:asym` against the hqq package
+  * hqq: lowbit `hqq:B:G:asym` (integer zeros, exportable to every format), `hqq:B:G:asym:fzero` (float16
+    zeros as the package keeps them; lowbit and MLX files) and `rtn:B:G:asym` against the hqq package
     (float zeros, its own pickle format only), B in --bits.
   * bnb: lowbit's bitsandbytes folders (NF4 + double quant and LLM.int8; rtn = bitsandbytes' own rounding,
     gptq = codes chosen by GPTQ, natural and act-order) against bitsandbytes quantizing on load in
@@ -21,7 +22,8 @@ dequantized float32 weights. Sections:
     gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit `autoround:B:G:iN`
     against lowbit `gptq:B:G` (and rtn). auto-round runs in float32 (its CPU default, amp, would tune in
     bfloat16), torch.compile at its default; its row's "quantize s" is its own `quantize()` call, and
-    process_s the whole child process (load, quantize, writing the weights), as lowbit's rows are timed.
+    process_s the whole child process (load, quantize, writing the weights). lowbit's "quantize s" is its
+    pipeline's own clock (read layers, quantize, write the checkpoint), process_s its whole process.
 
 Writes benchmarks/results/<name>.json and .md, rewritten after every row.
 """
@@ -67,8 +69,9 @@ def lowbit_row(sessions: dict, model_dir: Path, config: str, work: Path, calib_n
     wall, rss = run_child(sys.executable, HERE / "quantize_one.py",
                           [str(model_dir), config, str(out)] + ([str(calib_npy)] if calib_npy else []))
     ck = LowbitCheckpoint(out)
-    return score_all(sessions, ck, f"lowbit {config}", ck.meta["stats"]["bpw"], ck.size_bytes(), wall, rss,
-                     tool="lowbit")
+    own = json.loads(Path(f"{out}.seconds.json").read_text())["quantize_s"]
+    return score_all(sessions, ck, f"lowbit {config}", ck.meta["stats"]["bpw"], ck.size_bytes(), own, rss,
+                     tool="lowbit", process_s=round(wall, 1))
 
 
 def hqq_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, work: Path) -> dict:
@@ -161,14 +164,16 @@ def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
     md = [f"# {path.stem}", "",
           f"Model {meta['model']}; {meta['windows']} windows x 512 tokens of held-out Wikipedia and of Botchan "
           f"(out of domain); {meta['cpus']} CPUs; {meta['date']}. Every row scored by lowbit's forward pass "
-          "against one FP reference per text. bpw counts codes, scales and zero points of the quantized linears.",
+          "against one FP reference per text. bpw counts codes, scales and zero points of the quantized linears. "
+          "quantize s: the tool's own clock around its quantization (lowbit: read, quantize, write; peers: their "
+          "quantize call); process s: the whole child process (imports, load, write).",
           "", "| contender | bpw | wiki KLD | wiki p99 | wiki top-1 | wiki PPL | Botchan KLD | Botchan top-1 | "
-          "quantize s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "quantize s | process s | peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w, b = r["wiki"], r["botchan"]
         md.append(f"| {r['contender']} | {r['bpw']:.3f} | {w['kld_mean']:.4f} | {w['kld_p99']:.3f} | "
                   f"{w['top1']:.4f} | {w['ppl']:.3f} | {b['kld_mean']:.4f} | {b['top1']:.4f} | "
-                  f"{r['quantize_s']} | {r['peak_rss_mib']} |")
+                  f"{r['quantize_s']} | {r.get('process_s', '')} | {r['peak_rss_mib']} |")
     path.with_suffix(".md").write_text("\n".join(md) + "\n" + meta.get("notes", ""))
 
 
@@ -196,7 +201,8 @@ def main() -> int:
         work = Path(tmp)
         if "hqq" in args.sections.split(","):
             for b in bits:
-                for cfg in (f"rtn:{b}:{args.group}:asym", f"hqq:{b}:{args.group}:asym"):
+                for cfg in (f"rtn:{b}:{args.group}:asym", f"hqq:{b}:{args.group}:asym",
+                            f"hqq:{b}:{args.group}:asym:fzero"):
                     rows.append(lowbit_row(sessions, model_dir, cfg, work))
                     write_results(results, meta, rows)
                 rows.append(hqq_peer_row(sessions, model_dir, b, args.group, work))

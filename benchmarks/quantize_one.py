@@ -4,11 +4,13 @@ Usage: python quantize_one.py MODEL_DIR CONFIG OUT [CALIB_TOKENS.npy] [IMATRIX]
 CONFIG is a lowbit config string (rtn:4:128, gptq:4:128:act, ...) written as a lowbit checkpoint
 folder, or gguf:TYPE:METHOD (gguf:Q4_K_M:gptq) written as a GGUF file, or bnb:nf4|int8[:rtn|gptq[:act]] written as a
 bitsandbytes folder.
+A lowbit checkpoint run also writes OUT.seconds.json: {"quantize_s": the pipeline's own wall time}.
 CALIB_TOKENS.npy is an int64 [samples, seqlen] matrix, the same one given to every peer ('-' for none).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -40,4 +42,6 @@ if __name__ == "__main__":
         quantize_to_bnb(Path(model), BnbConfig(parts[1], parts[2], "act" in parts[3:]), Path(out), overwrite=True,  # noqa: E501
                         calib=calib if parts[2] != "rtn" else None)
     else:
-        quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)
+        stats = quantize_checkpoint(Path(model), parse_config(config), Path(out), overwrite=True, calib=calib)
+        # the run's own clock (read layers, quantize, write), beside the harness's whole-process wall
+        Path(f"{out}.seconds.json").write_text(json.dumps({"quantize_s": round(stats.seconds, 2)}))

@@ -84,3 +84,82 @@ def test_options_are_checked(small_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="calib"):
         quantize_checkpoint(small_model_dir, parse_config("autoround:4:128"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("grid", [GridConfig(4, 128, True), GridConfig(3, 64, True), GridConfig(4, 64, False)])
+def test_starts_from_rtn(block, grid: GridConfig) -> None:
+    """Before any step (offsets 0, clip ratios 1) the learned grid is lowbit's RTN, code for code: in particular a
+    symmetric group whose largest weight is positive keeps it (signed extreme; a positive max|w|/8 scale used to
+    clip it to 7/8 of its value, which put AutoRound's starting error above RTN's)."""
+    folder, w, x, rope = block
+    start = autoround.quantize_block(w, x, folder.spec, rope, grid, autoround.AutoRoundConfig(iters=0))
+    for s in SHORTS:
+        rtn = quantize_rtn(w[s], grid)
+        assert torch.equal(start[s].scales, rtn.scales) and torch.equal(start[s].zeros, rtn.zeros), s
+        assert torch.equal(start[s].codes, rtn.codes), s
+
+
+def test_targets_are_the_float_models_and_resume_is_exact(small_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each block learns towards the float model's own activations after it (auto-round's target), which the
+    pipeline carries beside the quantized stream: checked against transformers' decoder-layer outputs on the
+    same tokens. An interrupted run resumes both streams and writes the same bytes as an uninterrupted one."""
+    from transformers import AutoModelForCausalLM
+
+    calib = build_calibration(load_tokenizer(small_model_dir), default_calib_text(), CalibConfig(4, 64, seed=0))
+    targets, real = [], autoround.quantize_block
+
+    def spy(w, x, spec, rope, grid, acfg, target=None):
+        targets.append(target.clone())
+        return real(w, x, spec, rope, grid, acfg, target)
+
+    monkeypatch.setattr(autoround, "quantize_block", spy)
+    qcfg = parse_config("autoround:4:64:i2")
+    quantize_checkpoint(small_model_dir, qcfg, tmp_path / "clean", calib=calib)
+    ref_outputs = []
+    model = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).eval()
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda m, a, out: ref_outputs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(calib.tokens)
+    assert len(targets) == len(ref_outputs) == 2
+    for got, ref in zip(targets, ref_outputs):
+        assert float((got - ref).abs().max()) < 1e-3 * float(ref.abs().max())
+
+    def die(i: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(small_model_dir, qcfg, tmp_path / "resumed", calib=calib, after_layer=die)
+    quantize_checkpoint(small_model_dir, qcfg, tmp_path / "resumed", calib=calib)
+    for f in sorted(p.name for p in (tmp_path / "clean").iterdir()):
+        assert (tmp_path / "clean" / f).read_bytes() == (tmp_path / "resumed" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("grid", [GridConfig(4, 64, True), GridConfig(3, 32, False)])
+def test_fused_fake_quant_matches_autograd(grid: GridConfig) -> None:
+    """The fused forward/backward (FakeQuant) against autograd through the op-by-op formulation (codes):
+    equal fake weights, equal offset gradients, clip-ratio gradients equal to float rounding. A short last
+    group (200 = 3 x 64 + 8) and clipped codes (offsets and ratios away from their start) are included."""
+    torch.manual_seed(0)
+    p = autoround._Params(torch.randn(48, 200) * 0.05, grid)
+    with torch.no_grad():
+        p.v.uniform_(-0.5, 0.5)
+        p.alpha.uniform_(0.6, 1.0)
+        p.beta.uniform_(0.6, 1.0)
+    upstream = torch.randn(48, 200)
+    results = []
+    for fused in (False, True):
+        for t in p.tensors():
+            t.grad = None
+        if fused:
+            y = p.fake()
+        else:
+            q, scale, zero = p.codes()
+            y = (scale.unsqueeze(-1) * (q - zero.unsqueeze(-1))).reshape(48, -1)[:, :200]
+        (y * upstream).sum().backward()
+        results.append([y.detach().clone()] + [t.grad.clone() for t in p.tensors()])
+    (y_ref, v_ref, a_ref, b_ref), (y_fused, v_fused, a_fused, b_fused) = results
+    assert torch.equal(y_ref, y_fused) and torch.equal(v_ref, v_fused)
+    for ref, got in ((a_ref, a_fused), (b_ref, b_fused)):
+        assert float((ref - got).abs().max()) <= 1e-5 * float(ref.abs().max()) and float(ref.abs().max()) > 0

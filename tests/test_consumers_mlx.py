@@ -53,11 +53,13 @@ def sources(model_dir: Path, small_model_dir: Path, tmp_path_factory: pytest.Tem
 @pytest.fixture(scope="module")
 def folders(sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """lowbit MLX folders: RTN 4-bit g64 asymmetric with the embedding quantized (the tied head with it, as
-    mlx_lm.convert does) on the real model and on Qwen2; RTN 8-bit g128 symmetric on the real model's 2 layers."""
+    mlx_lm.convert does) on the real model and on Qwen2; RTN 8-bit g128 symmetric on the real model's 2 layers;
+    HQQ 4-bit g64 with float zeros (MLX's bias = -zero*scale) on the same 2 layers."""
     root = tmp_path_factory.mktemp("mlx")
     plans = {"real-w4g64a": ("real", QuantConfig("rtn", GridConfig(4, 64, False), True, False)),
              "real-2l-w8g128": ("real-2l", QuantConfig("rtn", GridConfig(8, 128, True))),
-             "qwen2-w4g64a": ("qwen2", QuantConfig("rtn", GridConfig(4, 64, False), True, False))}
+             "qwen2-w4g64a": ("qwen2", QuantConfig("rtn", GridConfig(4, 64, False), True, False)),
+             "real-2l-hqq-w4g64af": ("real-2l", QuantConfig("hqq", GridConfig(4, 64, False, float_zero=True)))}
     out = {}
     for which, (src, qcfg) in plans.items():
         quantize_checkpoint(sources[src], qcfg, root / f"{which}-ck")
@@ -74,7 +76,7 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("which", ["real-w4g64a", "real-2l-w8g128", "qwen2-w4g64a"])
+@pytest.mark.parametrize("which", ["real-w4g64a", "real-2l-w8g128", "qwen2-w4g64a", "real-2l-hqq-w4g64af"])
 def test_mlx_lm_loads_lowbit_folders(folders, session, tmp_path: Path, which: str) -> None:
     from safetensors.torch import load_file
 

@@ -89,7 +89,7 @@ def test_gguf_exact_path_reproduces_the_benchmark_harness(capsys, artifacts, sma
 
     cli = run_eval(capsys, artifacts["llamacpp-gguf"], "--ref", str(small_model_dir))
     session = open_session(small_model_dir, EvalSettings("wiki", 128, 2))
-    bench = score_gguf(session, artifacts["llamacpp-gguf"], "bench", 0.0, 0.0, "llama.cpp", "Q4_K_M")
+    bench = score_gguf((session, None), artifacts["llamacpp-gguf"], "bench", 0.0, 0.0, "llama.cpp", "Q4_K_M")
     assert (cli["kld_mean"], cli["kld_p99"], cli["top1"], cli["ppl"]) == \
            (bench.kld_mean, bench.kld_p99, bench.top1, bench.ppl)
 

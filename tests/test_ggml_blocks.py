@@ -23,7 +23,8 @@ from lowbit.quant.ggml_blocks import TYPES, block_type, nearest_int
 LEGACY = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 # llama.cpp file type whose mix writes mostly this block type
 FILE_TYPE = {"Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
-             "Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K"}
+             "Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K",
+             "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS"}
 REAL_LAYERS = (0, 3, 4, 29)  # under Q4_K_M: ffn_down is Q6_K in 0 and 29, Q4_K in 3 and 4
 
 
@@ -125,20 +126,24 @@ def test_dequantize_is_exact_and_pack_round_trips(name, real_tensors):
     t = TYPES[name]
     rng = np.random.default_rng(2)
     w = np.concatenate([sample_weights(rng, 48, 512), real_tensors["model.layers.0.mlp.down_proj.weight"][:32, :512]])
-    for importance in (None, random_importance(rng, w.shape[1])):
+    for importance in _importances(t, random_importance(rng, w.shape[1]), w):
         params = t.fit(w, importance)
         assert all(v.shape[:2] == (w.shape[0], w.shape[1] // t.block) for v in params.values())
         codes = t.codes(w, params)
         raw = t.pack(params, codes)
         assert np.array_equal(raw, t.quantize(w, importance))
-        # every code of the range, not just the ones the search picked
-        any_codes = rng.integers(t.qmin, t.qmax + 1, size=w.shape).astype(np.uint8)
+        # every code of the range, not just the ones the search picked (IQ2: any grid point, any signs)
+        if t.search_only:
+            blocks = w.size // t.block
+            any_codes = t._codes_from(rng.integers(0, len(t.tables[0]), size=(blocks, t.block // 8)),
+                                      rng.integers(0, 128, size=(blocks, t.block // 8))).reshape(w.shape)
+        else:
+            any_codes = rng.integers(t.qmin, t.qmax + 1, size=w.shape).astype(np.uint8)
         for c in (codes, any_codes):
             packed = t.pack(params, c)
             ref = gguf.quants.dequantize(packed, t.ggml_type)
             scale, bias = t.effective(params)
-            formula = scale.repeat(t.sub, axis=1) * (c.astype(np.float32) - np.float32(t.zero)) \
-                + bias.repeat(t.sub, axis=1)
+            formula = scale.repeat(t.sub, axis=1) * t.code_values(c) + bias.repeat(t.sub, axis=1)
             assert np.array_equal(bits(t.dequantize(packed, w.shape[1])), bits(ref))
             assert np.array_equal(bits(formula), bits(ref))
             p2, c2 = t.unpack(packed, w.shape[1])
@@ -148,6 +153,16 @@ def test_dequantize_is_exact_and_pack_round_trips(name, real_tensors):
                 assert np.array_equal(np.asarray(v).view(np.uint8), np.asarray(params[k]).view(np.uint8)), k
 
 
+def _importances(t, imp: np.ndarray, w: np.ndarray) -> tuple:
+    """(None, imp), or (imp,) for a type that refuses to fit without an importance (checked here: one line)."""
+    if not t.needs_importance:
+        return None, imp
+    with pytest.raises(LowbitError, match="--imatrix") as e:
+        t.fit(w, None)
+    assert "\n" not in str(e.value)
+    return (imp,)
+
+
 @pytest.mark.parametrize("name", [n for n in TYPES if n not in LEGACY])
 def test_column_slices_fit_like_the_whole(name):
     """k-quant blocks only look at themselves, so per-slice params concatenate into the full fit."""
@@ -155,7 +170,7 @@ def test_column_slices_fit_like_the_whole(name):
     rng = np.random.default_rng(3)
     w = sample_weights(rng, 24, 768)
     imp = random_importance(rng, 768)
-    for importance in (None, imp):
+    for importance in _importances(t, imp, w):
         whole = t.fit(w, importance)
         parts = [t.fit(w[:, a:a + 256], None if importance is None else importance[a:a + 256]) for a in (0, 256, 512)]
         for k, v in whole.items():
@@ -212,37 +227,46 @@ class _ToySpecials:
         w.add_add_bos_token(False)
 
 
-@pytest.fixture(scope="session")
-def synthetic(tmp_path_factory):
-    """A 2-layer Llama (hidden 256, ffn 512) with heavy-tailed and corner-case weights as an F32 GGUF,
-    and a lazily filled cache of llama.cpp quantizations of it."""
-    pytest.importorskip("llama_cpp")
+def synthetic_f32_gguf(path: Path, rng: np.random.Generator, layers: int, ffn: int, hidden: int = 256,
+                       vocab: int = 256) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Write a small Llama (4 heads, 2 KV heads, tied head) with heavy-tailed and corner-case weights as an
+    F32 GGUF at `path`; return its tensors by GGUF name and a random importance for every 2-D tensor but
+    token_embd (what llama.cpp gets as the imatrix)."""
     from lowbit.formats.gguf import write_gguf
     from lowbit.formats.gguf_vocab import GGUFVocab
-    from lowbit.peers.llamacpp import llamacpp_quantize
 
-    rng = np.random.default_rng(0)
-    hidden, ffn, vocab = 256, 512, 256
-    cfg = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": 2, "num_attention_heads": 4,
+    cfg = {"hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": 4,
            "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
            "tie_word_embeddings": True}  # no output.weight: llama.cpp uses token_embd as the head
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden // 2, hidden),
               "self_attn.v_proj": (hidden // 2, hidden), "self_attn.o_proj": (hidden, hidden),
               "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
     tensors = {"model.embed_tokens.weight": sample_weights(rng, vocab, hidden), "model.norm.weight": np.ones(hidden)}
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(layers):
         for short, shape in shapes.items():
             tensors[f"model.layers.{i}.{short}.weight"] = sample_weights(rng, *shape)
         tensors[f"model.layers.{i}.input_layernorm.weight"] = np.ones(hidden)
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = np.ones(hidden)
     tok = GGUFVocab("gpt2", "default", [f"t{i}" for i in range(vocab)], [1] * vocab, None, _ToySpecials())
-    root = tmp_path_factory.mktemp("ggml_blocks_synthetic")
-    src = root / "f32.gguf"
-    write_gguf(src, cfg, lambda: ((k, torch.from_numpy(np.asarray(v, np.float32)), "F32") for k, v in tensors.items()),
-               tok)
-    f32 = read_f32(src)
+    write_gguf(path, cfg, lambda: ((k, torch.from_numpy(np.asarray(v, np.float32)), "F32")
+                                   for k, v in tensors.items()), tok)
+    f32 = read_f32(path)
     importance = {k: random_importance(rng, v.shape[1]) for k, v in f32.items()
                   if v.ndim == 2 and k != "token_embd.weight"}
+    return f32, importance
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A 2-layer Llama (hidden 256, ffn 512) with heavy-tailed and corner-case weights as an F32 GGUF,
+    and a lazily filled cache of llama.cpp quantizations of it."""
+    pytest.importorskip("llama_cpp")
+    from lowbit.peers.llamacpp import llamacpp_quantize
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("ggml_blocks_synthetic")
+    src = root / "f32.gguf"
+    f32, importance = synthetic_f32_gguf(src, rng, layers=2, ffn=512)
     files: dict[tuple[str, bool], Path] = {}
 
     def quantized(name: str, with_imatrix: bool) -> Path:
@@ -255,9 +279,24 @@ def synthetic(tmp_path_factory):
     return {"f32": f32, "importance": importance, "quantized": quantized, "cache": {}}
 
 
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
-@pytest.mark.parametrize("name", TYPES)
+def _synthetic_cases():
+    """(type, with imatrix) pairs; IQ2 with an imatrix is -m slow here (the default suite has it in
+    test_gguf_iq2_files.py, on a whole 8-layer mix, and in test_iq2.py block by block)."""
+    for name in TYPES:
+        for imat in (False, True):
+            slow = (pytest.mark.slow,) if TYPES[name].needs_importance and imat else ()
+            yield pytest.param(name, imat, id=f"{name}-{'imatrix' if imat else 'ref'}", marks=slow)
+
+
+@pytest.mark.parametrize("name, with_imatrix", list(_synthetic_cases()))
 def test_blocks_match_llamacpp_synthetic(synthetic, name, with_imatrix):
+    if TYPES[name].needs_importance and not with_imatrix:
+        # llama.cpp refuses the file type without an imatrix (before quantizing anything); so does lowbit
+        with pytest.raises(LowbitError, match="could not quantize"):
+            synthetic["quantized"](name, with_imatrix)
+        with pytest.raises(LowbitError, match="--imatrix"):
+            TYPES[name].quantize(synthetic["f32"]["blk.0.ffn_down.weight"])
+        return
     path = synthetic["quantized"](name, with_imatrix)
     result = compare_with_llamacpp(path, synthetic["f32"], synthetic["importance"] if with_imatrix else {},
                                    synthetic["cache"])

@@ -41,7 +41,7 @@ def _output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
     return float(((d @ H) * d).sum())
 
 
-@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q3_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q3_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_blocks_beats_llamacpp_search(qtype: str, act_order: bool) -> None:
     """GPTQ's layer-output error is well below llama.cpp's imatrix-weighted rounding on the same grid,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lowbit.errors import LowbitError
 from lowbit.quant import ggml_blocks as gb
 from lowbit.quant import native
 from test_ggml_blocks import edge_rows
@@ -61,6 +62,8 @@ def test_primitives_equal_reference(monkeypatch, n, count):
         "positive": lambda: gb.rows_positive(pos, 63, w),
         "row sum": lambda: (gb.rows_sum(x),),
         "row sum first": lambda: (gb.rows_sum(w, first=True),),
+        "iq4": lambda: (gb.rows_iq4(x, None),),
+        "iq4 weighted": lambda: (gb.rows_iq4(x, w),),
     }
     for name, call in calls.items():
         fast, ref = _pair(monkeypatch, call)
@@ -71,6 +74,20 @@ def test_primitives_equal_reference(monkeypatch, n, count):
             assert same.all(), f"{name}: {np.count_nonzero(~same)} of {a.size} values differ"
 
 
+def test_best_index_equal_reference(monkeypatch):
+    """ggml's best_index_int8 on IQ4's levels: every float32 within 50 ulps of each midpoint (the ties and
+    their float32 rounding), the ends, infinities and NaN, and a spread of ordinary values."""
+    levels = gb.IQ4NL_LEVELS
+    mids = ((levels[:-1] + levels[1:]) / 2).astype(np.float32)
+    near = (mids.view(np.int32)[:, None] + np.arange(-50, 51, dtype=np.int32)).view(np.float32).ravel()
+    special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, *levels, *(levels * 2)], np.float32)
+    spread = (np.random.default_rng(0).standard_t(2.5, size=10007) * 60).astype(np.float32)
+    v = np.concatenate([near, special, spread])
+    fast, ref = _pair(monkeypatch, lambda: gb.best_index(levels, v))
+    assert np.array_equal(fast, ref)
+    assert fast[-10007:].min() == 0 and fast[-10007:].max() == 15
+
+
 @pytest.mark.parametrize("name", sorted(gb.TYPES))
 @pytest.mark.parametrize("imatrix", [False, True])
 def test_block_types_byte_identical(monkeypatch, name, imatrix):
@@ -78,6 +95,12 @@ def test_block_types_byte_identical(monkeypatch, name, imatrix):
     w = edge_rows(rng, 512)
     imp = (rng.random(512) ** 3).astype(np.float32) if imatrix else None
     bt = gb.block_type(name)
+    if bt.needs_importance and imp is None:  # IQ2: both paths refuse in one line, as llama.cpp does
+        for native_on in ("1", "0"):
+            monkeypatch.setenv("LOWBIT_NATIVE", native_on)
+            with pytest.raises(LowbitError, match="--imatrix"):
+                bt.quantize(w, imp)
+        return
     fast, ref = _pair(monkeypatch, lambda: bt.quantize(w, imp))
     assert fast.tobytes() == ref.tobytes()
 

@@ -58,7 +58,7 @@ def shallow_and_deep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
                                     shard_bytes=16 << 20) for n in (2, 8))
 
 
-@pytest.mark.parametrize("job", ["gguf", "gptq"])
+@pytest.mark.parametrize("job", ["gguf", pytest.param("gptq", marks=pytest.mark.slow)])  # gptq: -m slow (budget)
 def test_peak_rss_does_not_grow_with_depth(shallow_and_deep, tmp_path: Path, job: str) -> None:
     shallow, deep = shallow_and_deep
     small = peak_rss_mib(shallow, tmp_path / "shallow", job)

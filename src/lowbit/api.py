@@ -73,3 +73,13 @@ def memory(model: str | Path | None = None, config: str | Path | None = None, fo
     return memory_plan(model_dir, Path(config) if config is not None else None,
                        WeightRequest(format, file_type.upper(), (), bits, group_size), ctx, batch, kv_type,
                        list(gpus) or None)
+
+
+def rotate(model: str | Path | None, out: str | Path, rotation: str = "hadamard", seed: int = 0,
+           dtype: str = "float32", overwrite: bool = False) -> dict:
+    """Fold the norms and a seeded rotation into the weights and write the result as an HF folder of the same
+    architecture (see `lowbit rotate`); returns what its lowbit_rotation.json records."""
+    from lowbit.model.default import resolve_model
+    from lowbit.model.rotate import rotate_model
+
+    return rotate_model(resolve_model(model), Path(out), rotation, seed, dtype, overwrite)

@@ -6,6 +6,8 @@ stderr with exit code 2; nothing is written in that case.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -108,6 +110,8 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="Bits per weight, 2-8."),
     group_size: int = typer.Option(128, "--group-size", help="32, 64, 128, 256, or -1 for per channel."),
     asym: bool = typer.Option(False, "--asym", help="Asymmetric grid (integer zero point)."),
+    float_zero: bool = typer.Option(False, "--float-zero", help="With --asym, rtn/hqq: keep each group's zero as "
+                                    "a float16 (HQQ's form; lowbit and mlx formats hold it, GPTQ/AWQ do not)."),
     quantize_embedding: bool = typer.Option(False, "--quantize-embedding", help="Also quantize the embedding."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize an untied lm_head."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
@@ -129,32 +133,45 @@ def quantize(
     fmt: str = typer.Option("lowbit", "--format", help="lowbit (default), gguf, compressed-tensors, gptq, awq or bnb "
                             "(bitsandbytes: --bits 4 is NF4 with double quant, --bits 8 LLM.int8; --method rtn|gptq) or aqlm "
                             "(additive codebooks, about 2 bits/weight: --codebooks 2x8|1x16; calibrated) or mlx (mlx_lm's affine "
-                            "format; --method mlx is mx.quantize's own grid)."),
+                            "format; --method mlx is mx.quantize's own grid). compressed-tensors with --method fp8 "
+                            "(fp8-gptq: calibrated) is FP8 e4m3 with per-row scales (--fp8-activations)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
-                                  "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0)."),
+                                  "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0, "
+                                  "IQ4_XS, IQ4_NL, IQ2_XS, IQ2_XXS; the IQ2 types need --imatrix)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
                                            "lowbit .safetensors) weighting llama.cpp's block search."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "
                                                     "e.g. 'attn_v=Q8_0' (repeatable)."),
+    fp8_activations: str = typer.Option("none", "--fp8-activations", help="--method fp8: none (weight-only FP8) "
+                                        "or dynamic (W8A8-FP8 metadata: per-token fp8 activations, for vLLM on "
+                                        "H100-class GPUs)."),
+    fp8_scale_dtype: str = typer.Option("float32", "--fp8-scale-dtype", help="--method fp8: dtype of the per-row "
+                                        "weight scales, float32 or bfloat16."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe written by `lowbit plan`: its per-tensor "
                                           "types, method and calibration (the other quantize options are ignored)."),
     device: str = DeviceOpt,
     offload_activations: bool = OffloadOpt,
     trust_remote_code: bool = TrustOpt,
+    rotate: Optional[str] = typer.Option(None, "--rotate", help="Fold a rotation into the weights first (hadamard "
+                                         "or random-orthogonal; see `lowbit rotate`), then quantize as asked."),
+    rotate_seed: int = typer.Option(0, "--rotate-seed", help="Seed of --rotate's matrices."),
 ) -> None:
     """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json), or a GGUF.
 
     With --format gguf, --type picks llama.cpp's mix and --method how tensors land on its block grids
-    (rtn = llama.cpp's own search; gptq / awq = calibrated). --bits/--group-size do not apply there.
+    (rtn = llama.cpp's own search; gptq / awq = calibrated; IQ2 tensors always get llama.cpp's search, with
+    the --imatrix they require). --bits/--group-size do not apply there.
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
     _use_device(device, offload_activations, trust_remote_code)
+    if rotate is not None:
+        model = _rotated(model, rotate, rotate_seed, imatrix, output, overwrite)
     if recipe is not None:
         _quantize_recipe(model, recipe, output, overwrite)
         return
     if fmt == "gguf":
         _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
-                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
+                       (calib_text, calib_samples, calib_seqlen, seed, calib_mode), iters)
         return
     if fmt == "bnb":
         _quantize_bnb(model, method, bits, damp, output, overwrite,
@@ -163,6 +180,10 @@ def quantize(
     if fmt == "aqlm":
         _quantize_aqlm(model, codebooks, beam, rounds, seed, damp, output, overwrite,
                        (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
+        return
+    if method in ("fp8", "fp8-gptq") or fp8_activations != "none" or fp8_scale_dtype != "float32":
+        _quantize_fp8(model, method, fmt, fp8_activations, fp8_scale_dtype, damp, output, overwrite,
+                      (calib_text, calib_samples, calib_seqlen, seed, calib_mode))
         return
     if fmt == "mlx" and method == "mlx":  # mx.quantize's own grid, as mlx_lm.convert writes it
         _quantize_mlx_reference(model, bits, group_size, output, overwrite)
@@ -174,7 +195,7 @@ def quantize(
     from lowbit.quant.pipeline import quantize_checkpoint
     from lowbit.report.progress import info
 
-    qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym), quantize_embedding, quantize_lm_head,
+    qcfg = QuantConfig(method, GridConfig(bits, group_size, not asym, float_zero), quantize_embedding, quantize_lm_head,
                        act_order, static_groups, damp, iters, lr, seed)
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
@@ -198,24 +219,62 @@ def quantize(
          f"{stats.bpw_model:.3f} over the model, {stats.seconds:.1f} s)")
 
 
+def _rotated(model, kind: str, seed: int, imatrix, output: Path, overwrite: bool) -> str:
+    """The rotated copy of MODEL (made once into lowbit's cache), checked before any work."""
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.model.default import resolve_model
+    from lowbit.model.rotate import check_rotation, rotated_model
+
+    check_rotation(kind)
+    if imatrix is not None:
+        raise LowbitError(f"--imatrix {imatrix} with --rotate: an importance matrix of the unrotated model does not "
+                          "apply to the rotated weights; run `lowbit rotate` and `lowbit imatrix` on its output, or "
+                          "drop --imatrix")
+    check_writable_target(output, overwrite)
+    return str(rotated_model(resolve_model(model), kind, seed))
+
+
+@app.command()
+def rotate(
+    model: Optional[str] = ModelArg,
+    rotation: str = typer.Option("hadamard", "--rotate", help="hadamard (randomized Hadamard) or random-orthogonal."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the rotation matrices (same seed, same bytes)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32 (exact), float16 or bfloat16."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output HF model folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    trust_remote_code: bool = TrustOpt,
+) -> None:
+    """Fold the norms and a rotation (QuaRot-style R1 on the residual stream, R2 per head on v/o) into MODEL's
+    weights: a standard HF folder of the same architecture with the same logits, easier to quantize."""
+    from lowbit.model.default import resolve_model
+    from lowbit.model.rotate import rotate_model
+    from lowbit.report.progress import info
+
+    _trust(trust_remote_code)
+    meta = rotate_model(resolve_model(model), output, rotation, seed, dtype, overwrite)
+    untied = f"; head untied (+{meta['lm_head_added_bytes'] / 1e6:.1f} MB)" if meta["untied"] else ""
+    info(f"wrote {output}  (R1 {meta['r1']}; R2 {meta['r2']}{untied})")
+
+
 def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output, overwrite,
-                   calib_args) -> None:
+                   calib_args, iters: int = 50) -> None:
     from lowbit.formats.atomic import check_writable_target
     from lowbit.formats.gguf import model_vocab
     from lowbit.formats.imatrix import read_imatrix
     from lowbit.model.default import resolve_model
     from lowbit.model.hf import ModelFolder
-    from lowbit.quant.gguf_pipeline import GGUFConfig, quantize_to_gguf
+    from lowbit.quant.gguf_pipeline import GGUFConfig, check_plan, quantize_to_gguf
     from lowbit.report.progress import info
 
     # GPTQ onto block grids always visits columns in act-order: the blocks' fits are static then, so
     # the file needs no g_idx, and it measured better than the natural order on every type.
-    gcfg = GGUFConfig(gguf_type, method, True, damp, tuple(tensor_type or ()))
+    gcfg = GGUFConfig(gguf_type, method, True, damp, tuple(tensor_type or ()), iters=iters)
     if output.suffix != ".gguf":
         raise LowbitError(f"-o {output}: a GGUF output must be a file ending in .gguf")
     model_dir = resolve_model(model)
     check_writable_target(output, overwrite)
     imat = read_imatrix(imatrix) if imatrix is not None else None
+    check_plan(ModelFolder(model_dir), gcfg, imat)  # e.g. IQ2 without --imatrix, before calibration
     vocab = model_vocab(model_dir, ModelFolder(model_dir).config)  # an unmappable tokenizer fails before calibration
     calib = _calibration(model_dir, *calib_args) if method != "rtn" else None
     stats = quantize_to_gguf(model_dir, gcfg, output, overwrite, calib=calib, imatrix=imat, vocab=vocab)
@@ -223,6 +282,28 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "
          f"linears, {stats.bpw_model:.3f} over the model; tensors: {counts}; {stats.seconds:.1f} s)")
     info(f"wrote {output.with_name(output.stem + '.Modelfile')}  (ollama create NAME -f that file)")
+
+
+def _quantize_fp8(model, method, fmt, activations, scale_dtype, damp, output, overwrite, calib_args) -> None:
+    from lowbit.formats.atomic import check_writable_target
+    from lowbit.model.default import resolve_model
+    from lowbit.quant.fp8_pipeline import FP8Config, quantize_to_fp8
+    from lowbit.report.progress import info
+
+    if method not in ("fp8", "fp8-gptq"):
+        raise LowbitError(f"--fp8-activations/--fp8-scale-dtype apply to --method fp8 or fp8-gptq, not {method!r}; "
+                          "pass --method fp8")
+    if fmt != "compressed-tensors":
+        raise LowbitError(f"--method {method} writes FP8 compressed-tensors; pass --format compressed-tensors")
+    cfg = FP8Config("gptq" if method == "fp8-gptq" else "rtn", activations, scale_dtype, True, damp)
+    model_dir = resolve_model(model)
+    check_writable_target(output, overwrite)
+    calib = _calibration(model_dir, *calib_args) if cfg.method == "gptq" else None
+    summary = quantize_to_fp8(model_dir, cfg, output, overwrite, calib=calib)
+    w8a8 = "W8A8-FP8, dynamic per-token activations" if activations == "dynamic" else "weight-only FP8"
+    info(f"wrote {output}  ({cfg.name}: {w8a8}, e4m3 with {scale_dtype} per-row scales, {summary['file_bpw']:.3f} "
+         f"bits/weight over the linears, {summary['seconds']:.1f} s; transformers loads it with compressed-tensors, "
+         "vLLM serves it)")
 
 
 def _quantize_mlx_reference(model, bits, group_size, output, overwrite) -> None:
@@ -345,7 +426,7 @@ def eval_cmd(
     check_disjoint(eval_text, calib_text)
     kind = artifact_kind(checkpoint)  # a path that is no artifact fails before the FP reference is computed
     if runtime not in RUNTIMES or (runtime == "llama.cpp" and kind != "gguf") or \
-            (runtime == "transformers" and kind != "hf-export"):
+            (runtime == "transformers" and kind not in ("hf-export", "fp8")):
         raise LowbitError(f"--runtime {runtime!r}: choose lowbit, llama.cpp for a .gguf file, or transformers for "
                           "an exported HF folder")
     settings = _settings(eval_text, ctx, windows, stride, tasks, limit)
@@ -515,7 +596,7 @@ def imatrix(
     _use_device(device, offload_activations, trust_remote_code)
     from lowbit.calib.imatrix import compute_imatrix
     from lowbit.formats.atomic import check_writable_target
-    from lowbit.formats.imatrix import write_imatrix_gguf, write_imatrix_lowbit
+    from lowbit.formats.imatrix import write_imatrix_pair
     from lowbit.model.default import resolve_model
     from lowbit.report.progress import info
 
@@ -527,9 +608,7 @@ def imatrix(
     model_dir = resolve_model(model)
     calib = _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode)
     im = compute_imatrix(model_dir, calib)
-    s = calib.summary
-    write_imatrix_gguf(output, im, [s["file"]], s["samples"], s["seqlen"])
-    write_imatrix_lowbit(twin, im, s)
+    write_imatrix_pair(output, twin, im, calib.summary)
     info(f"wrote {output} and {twin} ({len(im)} tensors)")
 
 
@@ -650,24 +729,106 @@ def text_path(name: str = typer.Argument("wiki", help="wiki, wiki-calib or botch
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lowbit.formats.atomic import DiskFull, is_disk_full, release_partials
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    _signalled.clear()
+    signals = (signal.SIGINT, signal.SIGTERM) if _in_main_thread() else ()
+    previous = {sig: signal.signal(sig, _on_signal) for sig in signals}
     try:
         from lowbit.runtime import preserved_placement
 
         with preserved_placement():
             try:
-                app(args=argv, standalone_mode=False, prog_name="lowbit")
+                # typer turns KeyboardInterrupt into exit code 130, returned here when not standalone
+                if app(args=args, standalone_mode=False, prog_name="lowbit") == 130 or _signalled:
+                    return _interrupted(args)
             finally:
                 _trust(False)  # --trust-remote-code lasts one command
     except LowbitError as exc:
-        print(f"lowbit: error: {exc}", file=sys.stderr)
+        print(f"lowbit: error: {exc}" + (_kept_note(_kept()) if isinstance(exc, DiskFull) else ""), file=sys.stderr)
         return 2
     except UsageError as exc:
         print(f"lowbit: error: {exc.format_message()}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Abort):
-        print("lowbit: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args)
+    except Exception as exc:
+        if not is_disk_full(exc):  # a full disk some writer did not name: still one line
+            raise
+        print(f"lowbit: error: no space left on device ({exc}); free some space and run the same command again"
+              + _kept_note(_kept()), file=sys.stderr)
+        return 2
+    finally:
+        release_partials()  # an unfinished run's output lock ends with the command
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
+
+
+# SIGINT and SIGTERM (what `kill`, systemd and job schedulers send) are both raised as KeyboardInterrupt
+# in the main thread, so every writer cleans up the same way; _signalled remembers which it was.
+_signalled: list[int] = []
+_MAIN_PID = os.getpid()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _on_signal(signum: int, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked worker inherited the handler: act as Python's default would
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _kept() -> list[tuple[Path, int]]:
+    """(folder, layers done) of the partial folders this run leaves behind. One that finished no layer
+    holds nothing worth resuming, so it is removed (its run's output lock makes that safe)."""
+    import json
+    import shutil
+
+    from lowbit.formats.atomic import kept_partials
+
+    kept = []
+    for folder in kept_partials():
+        try:
+            done = int(json.loads((folder / "state.json").read_text())["done"])
+        except (OSError, ValueError, KeyError, TypeError):
+            done = 0
+        if done:
+            kept.append((folder, done))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    return kept
+
+
+def _kept_note(kept: list[tuple[Path, int]]) -> str:
+    if not kept:
+        return ""
+    where = ", ".join(f"{p} ({done} layer{'s' if done != 1 else ''} done)" for p, done in kept)
+    return f"; the finished layers are kept in {where}, so the same command resumes there (delete it to start over)"
+
+
+def _interrupted(args: list[str]) -> int:
+    """Exit 130 (SIGINT) or 143 (SIGTERM), saying what was kept and the exact command that resumes."""
+    import shlex
+
+    sig = _signalled[0] if _signalled else signal.SIGINT
+    kept = _kept()
+    print(f"lowbit: interrupted ({'SIGTERM' if sig == signal.SIGTERM else 'SIGINT'})"
+          + (_kept_note(kept) if kept else "; no partial state was kept"), file=sys.stderr)
+    resumes = bool(kept) or args[:1] == ["run"]  # a RUN folder keeps its finished candidates too
+    print(f"lowbit: to {'resume' if resumes else 'start again'}, run: {shlex.join(['lowbit', *args])}",
+          file=sys.stderr)
+    return 128 + sig
 
 
 if __name__ == "__main__":

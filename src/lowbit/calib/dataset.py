@@ -34,6 +34,8 @@ class CalibConfig:
             raise LowbitError(f"--calib-samples {self.samples}: choose 1 to {MAX_SAMPLES}")
         if self.seqlen < 16:
             raise LowbitError(f"--calib-seqlen {self.seqlen}: choose at least 16 tokens")
+        if self.seed < 0:
+            raise LowbitError(f"--seed {self.seed}: choose a seed of 0 or more")
         if self.mode not in ("chunk", "document"):
             raise LowbitError(f"--calib-mode {self.mode!r}: choose chunk or document")
 
@@ -53,15 +55,44 @@ def _jsonl_documents(path: Path, tok) -> list[str]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise LowbitError(f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting too deep
+            raise LowbitError(f"{path}:{n}: unreadable JSON ({type(exc).__name__}); each line must be one JSON object"
+                              ) from None
         if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-            docs.append(rec["text"])
+            docs.append(_unicode(rec["text"], f"{path}:{n}"))
         elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
-            if not getattr(tok, "chat_template", None):
-                raise LowbitError(f"{path}:{n}: chat messages need a model with a chat template; use a 'text' field")
-            docs.append(tok.apply_chat_template(rec["messages"], tokenize=False))
+            docs.append(_chat_document(tok, rec["messages"], f"{path}:{n}"))
         else:
             raise LowbitError(f"{path}:{n}: expected a 'text' string or a 'messages' list")
     return docs
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text` unless it holds an unpaired surrogate: JSON may escape one (\\ud83d alone), Python decodes it,
+    and no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LowbitError(f"{where}: the text holds an unpaired surrogate escape at character {exc.start}; fix "
+                          "the line") from None
+    return text
+
+
+def _chat_document(tok, messages: list, where: str) -> str:
+    """A conversation rendered by the model's chat template. Each message must be {role, content} strings:
+    templates index them freely, and a template that still fails is reported, not raised through."""
+    if not getattr(tok, "chat_template", None):
+        raise LowbitError(f"{where}: chat messages need a model with a chat template; use a 'text' field")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        raise LowbitError(f"{where}: each message must be an object with 'role' and 'content' strings")
+    for m in messages:
+        _unicode(m["role"] + m["content"], where)
+    try:
+        return tok.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - jinja2 and the template's own raise_exception() raise many types
+        raise LowbitError(f"{where}: the model's chat template cannot render these messages ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:120]}); use a 'text' field") from None
 
 
 def load_documents(path: Path, tok) -> list[str]:

@@ -18,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval.data import EvalWindows, load_tokenizer, make_windows
 from lowbit.eval.reference import Reference, evaluate, folder_fingerprint, get_reference
 from lowbit.eval.significance import accuracy_summary, paired_summary
+from lowbit.formats.atomic import atomic_file, cache_fill_lock
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.formats.safetensors_io import shard_files
 from lowbit.model.default import cache_dir
@@ -125,7 +126,7 @@ class Session:
             raise LowbitError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
         if runtime == "llama.cpp" and kind != "gguf":
             raise LowbitError(f"{path}: --runtime llama.cpp scores GGUF files only; drop --runtime for a {kind} artifact")
-        if runtime == "transformers" and kind != "hf-export":
+        if runtime == "transformers" and kind not in ("hf-export", "fp8"):
             raise LowbitError(f"{path}: --runtime transformers scores exported HF folders only; drop --runtime for a "
                               f"{kind} artifact")
         if kind == "lowbit":
@@ -147,8 +148,14 @@ class Session:
             self._check_same_model(b.spec, path)
             meta = json.loads((path / "lowbit_export.json").read_text()) if (path / "lowbit_export.json").is_file() \
                 else {}
+            logits_fn, steps = None, None
+            if runtime == "transformers":  # an FP8 compressed-tensors folder: the library decompresses it on CPU
+                from lowbit.eval.transformers_runtime import transformers_logits_fn
+
+                logits_fn, steps = transformers_logits_fn(path, "compressed-tensors"), self.windows.tokens.shape[0]
             return self.score(b, config or f"{kind}-{b.kind}:{path.name}", float(meta.get("file_bpw", 0.0)),
-                              b.size_bytes(), seconds, kind=f"{kind}-{b.kind}", runtime=runtime)
+                              b.size_bytes(), seconds, logits_fn=logits_fn, steps=steps, kind=f"{kind}-{b.kind}",
+                              runtime=runtime)
         from lowbit.formats.hf_export import HFExport
 
         ex = HFExport(path)
@@ -173,11 +180,12 @@ class Session:
 # HF folders whose linears a quantizer stores packed in its own layout, by quant_method: lowbit reads them
 # with their own reader (formats/bnb.py, formats/aqlm.py), not the grid exports' HFExport.
 PACKED_METHODS = {"bitsandbytes": "bnb", "aqlm": "aqlm"}
-PACKED_KINDS = (*PACKED_METHODS.values(), "mlx")  # mlx: an MLX affine folder (formats/mlx.py), no quant_method
+PACKED_KINDS = (*PACKED_METHODS.values(), "mlx", "fp8")  # mlx: an MLX affine folder (formats/mlx.py), no quant_method;
+# fp8: compressed-tensors with float8 weights (formats/compressed_tensors.py FP8Weights), not the int grids' HFExport
 
 
 def artifact_kind(path: Path) -> str:
-    """'lowbit', 'gguf', 'hf-export', 'bnb' or 'aqlm', or a one-line error saying what `lowbit eval` takes."""
+    """'lowbit', 'gguf', 'hf-export', 'bnb', 'aqlm', 'mlx' or 'fp8', or a one-line error saying what `lowbit eval` takes."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
@@ -186,8 +194,10 @@ def artifact_kind(path: Path) -> str:
     if (path / "config.json").is_file() and _is_mlx(_read_json(path / "config.json")):
         return "mlx"
     if (path / "config.json").is_file() and "quantization_config" in _read_json(path / "config.json"):
-        method = (_read_json(path / "config.json").get("quantization_config") or {}).get("quant_method")
-        return PACKED_METHODS.get(method, "hf-export")
+        qc = _read_json(path / "config.json").get("quantization_config") or {}
+        if _is_fp8(qc):
+            return "fp8"
+        return PACKED_METHODS.get(qc.get("quant_method"), "hf-export")
     raise LowbitError(f"{path}: not a quantized artifact lowbit can score; pass a lowbit checkpoint, a .gguf file "
                       "or an exported compressed-tensors/GPTQ/AWQ/bitsandbytes/AQLM folder")
 
@@ -215,7 +225,17 @@ def open_artifact(path: Path) -> WeightSource:
         from lowbit.formats.mlx import MLXWeights
 
         return MLXWeights(path)
+    if kind == "fp8":
+        from lowbit.formats.compressed_tensors import FP8Weights
+
+        return FP8Weights(path)
     return LowbitCheckpoint(path)
+
+
+def _is_fp8(qc: dict) -> bool:
+    from lowbit.formats.compressed_tensors import fp8_scheme
+
+    return isinstance(qc, dict) and fp8_scheme(qc) is not None
 
 
 def _is_mlx(config: dict) -> bool:
@@ -253,11 +273,12 @@ def fp_task_scores(source: WeightSource, model_dir: Path, reqs: TaskRequests) ->
     path = cache_dir() / "tasks" / f"{folder_fingerprint(model_dir)}-{reqs.digest()}-v{TASK_CACHE_VERSION}.json"
     if path.is_file():
         return TaskScores.from_json(json.loads(path.read_text()))
-    scores = score_task(source, reqs, label=f"{reqs.task} FP")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(scores.to_json()))
-    tmp.replace(path)
+    with cache_fill_lock(path):  # a second process waits and reads the first one's answers
+        if path.is_file():
+            return TaskScores.from_json(json.loads(path.read_text()))
+        scores = score_task(source, reqs, label=f"{reqs.task} FP")
+        with atomic_file(path, lock=False) as tmp:
+            tmp.write_text(json.dumps(scores.to_json()))
     return scores
 
 

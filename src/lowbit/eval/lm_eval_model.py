@@ -96,6 +96,12 @@ def open_artifact(path: Path, emulate_runtime: bool = False):
         from lowbit.formats.hf_export import HFExport
 
         return HFExport(path), kind
+    from lowbit.eval.compare import PACKED_KINDS
+
+    if kind in PACKED_KINDS:  # bitsandbytes, AQLM, MLX, FP8 folders: their own readers
+        from lowbit.eval.compare import open_artifact as open_packed
+
+        return open_packed(path), kind
     from lowbit.model.forward import FolderWeights
     from lowbit.model.hf import ModelFolder
 

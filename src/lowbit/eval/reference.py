@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 
 from lowbit.eval.data import EvalWindows
 from lowbit.eval.metrics import Summary, summarize, token_kld, token_nll
-from lowbit.formats.atomic import atomic_dir
+from lowbit.formats.atomic import atomic_dir, cache_fill_lock
 from lowbit.model.default import cache_dir
 from lowbit.model.forward import WeightSource, iter_logits
 from lowbit.report.progress import progress
@@ -74,14 +75,38 @@ def load_reference(path: Path) -> Reference:
 
 
 def get_reference(source: WeightSource, model_path: Path, windows: EvalWindows) -> Reference:
-    """The cached FP reference for these windows, computed now if absent."""
+    """The cached FP reference for these windows, computed now if absent.
+
+    Processes that need the same entry at once compute it one at a time (cache_fill_lock): the
+    second waits and then loads the first one's entry, which is published by one rename and never
+    replaced, so a reader can never see it half-written or swapped."""
     path = reference_dir(model_path, windows)
     if (path / "meta.json").is_file():
         return load_reference(path)
+    with cache_fill_lock(path):
+        if not (path / "meta.json").is_file():
+            _compute_reference(source, path, windows)
+    return load_reference(path)
+
+
+def _preallocated_memmap(path: Path, shape: tuple[int, int]) -> np.memmap:
+    """A float16 memmap whose blocks are allocated up front: writing into a sparse mapping on a full disk
+    kills the process with SIGBUS, while posix_fallocate fails cleanly with ENOSPC before any work."""
+    nbytes = int(np.prod(shape)) * 2
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if nbytes:
+            os.posix_fallocate(fd, 0, nbytes)
+    finally:
+        os.close(fd)
+    return np.memmap(path, dtype=np.float16, mode="r+", shape=shape)
+
+
+def _compute_reference(source: WeightSource, path: Path, windows: EvalWindows) -> None:
     vocab = source.spec.vocab_size
     shape = (windows.n_scored, vocab)
-    with atomic_dir(path, lock=False) as tmp:  # shared cache
-        logp = np.memmap(tmp / "logp.f16", dtype=np.float16, mode="w+", shape=shape)
+    with atomic_dir(path, lock=False) as tmp:  # shared cache: the caller holds its fill lock
+        logp = _preallocated_memmap(tmp / "logp.f16", shape)
         nll = np.empty(shape[0], np.float32)
         argmax = np.empty(shape[0], np.int32)
         row = 0
@@ -99,7 +124,6 @@ def get_reference(source: WeightSource, model_path: Path, windows: EvalWindows) 
         np.save(tmp / "argmax.npy", argmax)
         (tmp / "meta.json").write_text(json.dumps({"shape": list(shape), "text": windows.text_name,
                                                    "ctx": windows.ctx, "stride": windows.stride}))
-    return load_reference(path)
 
 
 LogitsFn = Callable[[torch.Tensor, Callable[..., None]], Iterator[tuple[int, torch.Tensor]]]

@@ -9,19 +9,96 @@ flock on `.OUT.lock` beside OUT (the same lock covers the `.OUT.partial` folder
 of a resumable run) while it works, and a second lowbit process is refused with
 one line. The kernel drops a flock when its holder exits or is killed, so a
 crashed run never blocks the next one; a stale lock file is simply re-locked.
+
+A full disk (ENOSPC, or a quota) while writing becomes one DiskFull line (a LowbitError, exit 2)
+after the temporary is removed, so nothing is left at OUT. A resumable run's `.OUT.partial` folder
+is different: its finished layers are kept (they cost hours), the command that failed says so,
+and the same command resumes once there is space; deleting the folder throws them away.
+
+Shared caches (FP reference logits, task answers, the materialised default model) are not outputs:
+any number of processes may want the same entry. cache_fill_lock makes them fill it one at a time,
+so the second waits and then finds the entry complete instead of racing the first one's rename.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import glob
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from lowbit.errors import LowbitError
+
+
+class DiskFull(LowbitError):
+    """The filesystem ran out of space (or quota) while lowbit was writing; the message names the output."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# how a full disk reads when it arrives without an errno: safetensors' Rust I/O error, and numpy's tofile
+# short write ("N requested and M written"), which it raises as a bare OSError
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|os error (28|122)|\d+ requested and \d+ written")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) is full, whichever library raised it."""
+    if isinstance(exc, LowbitError):  # already reported (a DiskFull names its own output)
+        return False
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return True
+    return isinstance(exc, Exception) and bool(_FULL_TEXT.search(str(exc)))
+
+
+def _free_space(path: Path) -> str:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free / 1024:.0f} KiB"
+
+
+def disk_full_error(target: Path, doing: str = "writing it") -> DiskFull:
+    """The one-line error of a full disk while `doing` something for output `target`."""
+    return DiskFull(f"{target}: no space left on device while {doing} ({_free_space(Path(target).parent)} free "
+                    f"there; nothing was left at {target}); free some space and run the same command again")
+
+
+# the `.OUT.partial` folders of resumable runs in progress in this process (PartialRun registers
+# them with the release of its output lock), so the CLI can say what an interrupted or failed run
+# kept, and drop its lock when the command ends rather than whenever the run object is collected
+_PARTIALS: dict[Path, Callable[[], None]] = {}
+
+
+def track_partial(folder: Path, release: Callable[[], None]) -> None:
+    _PARTIALS[Path(folder)] = release
+
+
+def untrack_partial(folder: Path) -> None:
+    _PARTIALS.pop(Path(folder), None)
+
+
+def kept_partials() -> list[Path]:
+    """Partial folders registered by this process that still exist on disk (and so are resumable)."""
+    return [p for p in _PARTIALS if p.is_dir()]
+
+
+def release_partials() -> None:
+    """Release the output locks of the runs this process left unfinished (the command is over)."""
+    for release in list(_PARTIALS.values()):
+        release()
+    _PARTIALS.clear()
 
 
 def lock_path(target: Path) -> Path:
@@ -56,28 +133,79 @@ def acquire_output_lock(target: Path) -> str:
         _HELD[key][1] += 1
         return key
     _make_parent(lock)
+    try:
+        fd = _open_locked(lock, blocking=False)
+    except BlockingIOError:
+        raise _busy(target, lock) from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(target, f"creating its lock file {lock.name}") from None
+        raise LowbitError(f"{target}: cannot create its lock file {lock.name} ({exc.strerror}); "
+                          "choose a writable output path") from None
+    try:  # the holder's pid, for the refusal message only: a full disk must not stop the run here
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass
+    _HELD[key] = [fd, 1]
+    remove_stale_temps(target)
+    return key
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Delete the temporaries a killed writer of `target` left beside it (`.OUT.tmp-*`, `.OUT.old-*`).
+
+    Only called while holding target's lock, so no live process can be writing them."""
+    target = Path(target)
+    # exactly the names tempfile (8 random characters) and _replace (a pid) give them, nothing longer
+    mine = re.compile(re.escape(f".{target.name}.") + r"(tmp-[a-z0-9_]{8}|old-\d+)")
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if mine.fullmatch(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() and not stale.is_symlink() else \
+                stale.unlink(missing_ok=True)
+
+
+def _open_locked(lock: Path, blocking: bool) -> int:
+    """An fd holding the exclusive flock of the file now at `lock` (created if need be).
+
+    Raises BlockingIOError when another process holds it and not `blocking`."""
     while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise LowbitError(f"{target}: cannot create its lock file {lock.name} ({exc.strerror}); "
-                              "choose a writable output path") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException:
             os.close(fd)
-            raise _busy(target, lock) from None
+            raise
         try:  # the holder before us may have unlinked the file after we opened it: lock the live one
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    _HELD[key] = [fd, 1]
-    return key
+
+
+@contextmanager
+def cache_fill_lock(entry: Path) -> Iterator[None]:
+    """Hold the exclusive lock of shared cache entry `entry` (`.ENTRY.lock` beside it), waiting for it.
+
+    Callers check for a complete entry, take this lock, check again, and only then fill it: two
+    processes wanting the same entry compute it once, and a complete entry is never replaced under a
+    reader. Temporaries left by a filler that was killed are removed here, since nobody else can be
+    writing them while we hold the lock."""
+    entry = Path(entry)
+    lock = lock_path(entry)
+    _make_parent(lock)
+    fd = _open_locked(lock, blocking=True)
+    try:
+        remove_stale_temps(entry)
+        yield
+    finally:
+        try:
+            os.unlink(lock)  # while still locked, as release_output_lock does
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def release_output_lock(key: str) -> None:
@@ -154,14 +282,23 @@ def _atomic_dir(target: Path) -> Iterator[Path]:
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     except OSError as exc:
-        raise LowbitError(f"{target}: cannot write output ({exc.strerror}); choose a writable path") from None
+        raise _cannot_write(target, exc) from None
     os.chmod(tmp, 0o755)
     try:
         yield tmp
         _replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(target) if is_disk_full(exc) else None  # the free space before the cleanup
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise
+
+
+def _cannot_write(target: Path, exc: OSError) -> LowbitError:
+    if is_disk_full(exc):
+        return disk_full_error(target)
+    return LowbitError(f"{target}: cannot write output ({exc.strerror}); choose a writable path")
 
 
 @contextmanager
@@ -179,13 +316,16 @@ def _atomic_file(target: Path) -> Iterator[Path]:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     except OSError as exc:
-        raise LowbitError(f"{target}: cannot write output ({exc.strerror}); choose a writable path") from None
+        raise _cannot_write(target, exc) from None
     os.close(fd)
     tmp = Path(name)
     os.chmod(tmp, 0o644)
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(target) if is_disk_full(exc) else None  # the free space before the cleanup
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from None
         raise

@@ -51,7 +51,7 @@ def gguf_name_to_hf(name: str) -> tuple[str, str | None]:
         return _FIXED_NAMES[name], None
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if not m or m.group(2) not in _BY_GGUF:
-        raise LowbitError(f"GGUF tensor {name} has no Llama-family counterpart; only Llama-family GGUFs can be "
+        raise LowbitError(f"GGUF tensor {name[:120]!r} has no Llama-family counterpart; only Llama-family GGUFs can be "
                           "imported")
     short = _BY_GGUF[m.group(2)]
     return f"model.layers.{m.group(1)}.{HF_SUFFIX[short]}.{m.group(3)}", short if short in ("q", "k") else None
@@ -73,7 +73,32 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (ValueError, IndexError, TypeError):  # invalid UTF-8 in a string, an array gguf-py cannot walk
+        raise LowbitError(f"{_file(reader)}: GGUF metadata {key} is unreadable; re-download the file") from None
+
+
+def _file(reader: Any) -> str:
+    """The path of the file a GGUFReader reads (its memory map knows it), for error messages."""
+    return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
+_REQUIRED = object()
+
+
+def _number(reader: Any, key: str, kind: type = int, default: Any = _REQUIRED) -> Any:
+    """A numeric metadata field as `kind`, or a one-line error naming the field (missing or not a number)."""
+    value = _field(reader, key)
+    if value is None:
+        if default is _REQUIRED:
+            raise LowbitError(f"{_file(reader)}: GGUF metadata {key} is missing; re-download the file")
+        return default
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LowbitError(f"{_file(reader)}: GGUF metadata {key} is {str(value)[:40]!r}, not a number; "
+                          "re-download the file") from None
 
 
 def open_gguf(path: Path) -> Any:
@@ -81,49 +106,134 @@ def open_gguf(path: Path) -> Any:
 
     if not path.is_file():
         raise LowbitError(f"{path}: GGUF file not found")
+    check_gguf_counts(path)
     try:
         return gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises bare ValueError/struct errors on corrupt files
-        raise LowbitError(f"{path}: not a readable GGUF file ({exc}); re-download it") from None
+        raise LowbitError(f"{path}: not a readable GGUF file ({' '.join(str(exc).split())[:200]}); re-download it"
+                          ) from None
+
+
+# Bytes of each GGUF scalar value type (gguf's GGUFValueType: 8 is a string, 9 an array).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# Items in one metadata array: the largest vocabularies (token lists, merges) hold well under 10^6.
+MAX_GGUF_ARRAY = 1 << 22
+
+
+def check_gguf_counts(path: Path) -> None:
+    """Walk a GGUF's header proving that every count in it fits in the bytes the file has.
+
+    gguf-py's reader trusts those counts: an array that claims 2^60 items past the end of the file
+    makes it read empty slices without advancing, for ever. This walk only steps over the header
+    (metadata and tensor infos), so it costs a fraction of the reader's own parse, and a file whose
+    counts cannot be true is refused in one line before gguf-py sees it."""
+    import mmap
+
+    if path.stat().st_size < 24:
+        return  # too short to be a GGUF: gguf-py's own error says so
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            return
+        _HeaderWalk(buf, path).walk()
+
+
+class _HeaderWalk:
+    """A cursor over a GGUF header that refuses any count running past the end of the file."""
+
+    def __init__(self, buf: Any, path: Path):
+        import struct
+
+        self.buf, self.path, self.pos, self.unpack = buf, path, 4, struct.unpack_from
+        version = self.unpack("<I", buf, 4)[0]
+        self.order = ">" if version & 0xFFFF == 0 else "<"  # gguf-py's test for a big-endian file
+
+    def take(self, n: int, what: str) -> int:
+        """Step over n bytes; the offset they start at."""
+        if n > len(self.buf) - self.pos:
+            raise LowbitError(f"{self.path}: its {what} runs past the end of the file ({len(self.buf)} bytes); "
+                              "the file is truncated or corrupt, re-download it")
+        self.pos += n
+        return self.pos - n
+
+    def number(self, fmt: str, what: str) -> int:
+        import struct
+
+        return self.unpack(self.order + fmt, self.buf, self.take(struct.calcsize(fmt), what))[0]
+
+    def walk(self) -> None:
+        self.take(4, "version")
+        n_tensors, n_kv = self.number("Q", "tensor count"), self.number("Q", "metadata count")
+        for _ in range(n_kv):  # every item takes bytes, so take() ends a count the file cannot hold
+            self.take(self.number("Q", "metadata key"), "metadata key")
+            self.value(self.number("I", "metadata type"), 0)
+        for _ in range(n_tensors):
+            self.take(self.number("Q", "tensor name"), "tensor name")
+            self.take(8 * self.number("I", "tensor dimensions"), "tensor dimensions")
+            self.take(12, "tensor type and offset")
+
+    def value(self, vtype: int, depth: int) -> None:
+        if vtype in _SCALAR_BYTES:
+            self.take(_SCALAR_BYTES[vtype], "metadata value")
+        elif vtype == _STRING:
+            self.take(self.number("Q", "metadata string"), "metadata string")
+        elif vtype == _ARRAY and depth < 2:
+            itype, count = self.number("I", "metadata array"), self.number("Q", "metadata array")
+            if count > MAX_GGUF_ARRAY:
+                raise LowbitError(f"{self.path}: a metadata array claims {count} items (more than any model's "
+                                  "vocabulary); the file is corrupt, re-download it")
+            if itype in _SCALAR_BYTES:
+                self.take(count * _SCALAR_BYTES[itype], "metadata array")
+            else:
+                for _ in range(count):
+                    self.value(itype, depth + 1)
+        else:
+            raise LowbitError(f"{self.path}: metadata value type {vtype} is not a GGUF type; re-download the file")
 
 
 def gguf_config(reader: Any, path: Path) -> dict[str, Any]:
-    """config.json contents equivalent to a Llama-family GGUF's metadata (llama, qwen2, qwen3)."""
+    """config.json contents equivalent to a Llama-family GGUF's metadata (llama, qwen2, qwen3).
+
+    Its sizes go through spec_from_config's checks before anything is sized from them, so a GGUF's
+    metadata is held to the same bounds as a config.json."""
+    from lowbit.model.hf import spec_from_config
+
     arch = arch_for_gguf(_field(reader, "general.architecture"), str(path))
     a = arch.gguf_arch + "."
-    heads = int(_field(reader, a + "attention.head_count"))
-    hidden = int(_field(reader, a + "embedding_length"))
+    heads = _number(reader, a + "attention.head_count")
+    hidden = _number(reader, a + "embedding_length")
     names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
-    head_dim = int(_field(reader, a + "attention.key_length", _field(reader, a + "rope.dimension_count",
-                                                                          hidden // heads)))
+    head_dim = _number(reader, a + "attention.key_length", int,
+                       _number(reader, a + "rope.dimension_count", int, hidden // heads if heads else 0))
     cfg = {
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, a + "feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, a + "block_count")),
+        "intermediate_size": _number(reader, a + "feed_forward_length"),
+        "num_hidden_layers": _number(reader, a + "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
+        "num_key_value_heads": _number(reader, a + "attention.head_count_kv", int, heads),
         "head_dim": head_dim,
-        "rms_norm_eps": float(f"{float(_field(reader, a + 'attention.layer_norm_rms_epsilon')):.7g}"),
-        "rope_theta": float(f"{float(_field(reader, a + 'rope.freq_base', 10000.0)):.7g}"),
-        "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
-        "vocab_size": int(_field(reader, a + "vocab_size", len(tokens))),
+        "rms_norm_eps": float(f"{_number(reader, a + 'attention.layer_norm_rms_epsilon', float):.7g}"),
+        "rope_theta": float(f"{_number(reader, a + 'rope.freq_base', float, 10000.0):.7g}"),
+        "max_position_embeddings": _number(reader, a + "context_length", int, 2048),
+        "vocab_size": _number(reader, a + "vocab_size", int, len(tokens) if isinstance(tokens, list) else 0),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in names,
         "mlp_bias": False,
         "torch_dtype": "float32",
     }
+    spec_from_config(cfg, arch, path)
     rope = _rope_scaling_from_gguf(reader, a, cfg, path)
     if rope:
         cfg["rope_scaling"] = rope
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):
-        v = _field(reader, "tokenizer.ggml." + key)
+        v = _number(reader, "tokenizer.ggml." + key, int, None)
         if v is not None:
-            cfg[hf_key] = int(v)
+            cfg[hf_key] = v
     return cfg
 
 
@@ -135,14 +245,17 @@ KNOWN_LLAMA3_ROPE = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor"
 def _rope_scaling_from_gguf(reader: Any, a: str, cfg: dict[str, Any], path: Path) -> dict[str, Any] | None:
     kind = _field(reader, a + "rope.scaling.type")
     if kind in ("linear", "yarn"):
-        rope = {"rope_type": kind, "factor": float(_field(reader, a + "rope.scaling.factor"))}
+        rope = {"rope_type": kind, "factor": _number(reader, a + "rope.scaling.factor", float)}
         if kind == "yarn":
-            rope["original_max_position_embeddings"] = int(_field(reader, a + "rope.scaling.original_context_length"))
+            rope["original_max_position_embeddings"] = _number(reader, a + "rope.scaling.original_context_length")
         return rope
     freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if freqs is None:
         return None
     stored = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+    if stored.size != cfg["head_dim"] // 2:
+        raise LowbitError(f"{path}: its rope_freqs tensor holds {stored.size} values, not {cfg['head_dim'] // 2} (one "
+                          "per rotary frequency); re-download the file")
     for rope in KNOWN_LLAMA3_ROPE:
         if np.array_equal(llama3_rope_factors({**cfg, "rope_scaling": rope}, cfg["head_dim"]), stored):
             return rope
@@ -151,23 +264,51 @@ def _rope_scaling_from_gguf(reader: Any, a: str, cfg: dict[str, Any], path: Path
 
 
 def gguf_tensors(reader: Any, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """All tensors dequantized to float32 under HF names, q/k rows back in HF order (llama graph only)."""
-    import gguf
+    """All tensors dequantized to float32 under HF names, q/k rows back in HF order (llama graph only).
 
-    permutes = arch_for(cfg["model_type"], "config.json").permute_qk
+    Each tensor's name and shape are checked against the model the metadata describes before it is
+    dequantized, and every tensor of that model must be there: a file that says otherwise is refused
+    naming the tensor, instead of failing in a reshape or a matmul later."""
+    from lowbit.model.hf import expected_tensor_shapes, spec_from_config
+
+    where = _file(reader)
+    arch = arch_for(cfg["model_type"], "config.json")
+    want = expected_tensor_shapes(spec_from_config(cfg, arch, Path(where)))
+    permutes = arch.permute_qk
     out: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # becomes config.json's rope_scaling
             continue
-        hf_name, permuted = gguf_name_to_hf(t.name)
-        arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        arr = arr.reshape([int(x) for x in reversed(t.shape)])
+        try:
+            hf_name, permuted = gguf_name_to_hf(t.name)
+        except LowbitError as exc:
+            raise LowbitError(f"{where}: {exc}") from None
+        shape = tuple(int(x) for x in reversed(t.shape))
+        if want.get(hf_name) != shape or hf_name in out:
+            raise LowbitError(f"{where}: tensor {t.name} has shape {list(shape)}, but the file's metadata makes it "
+                              f"{list(want[hf_name]) if hf_name in want else 'no tensor of the model'}; re-download "
+                              "the file")
+        arr = _dequantized(t, shape, where)
         if permutes and permuted == "q":
             arr = unpermute_qk(arr, cfg["num_attention_heads"])
         elif permutes and permuted == "k":
             arr = unpermute_qk(arr, cfg["num_key_value_heads"])
         out[hf_name] = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
+    missing = [n for n in want if n not in out]
+    if missing:
+        raise LowbitError(f"{where}: tensor {hf_name_to_gguf(missing[0])} is missing; re-download the file")
     return out
+
+
+def _dequantized(t: Any, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """One GGUF tensor as float32 of `shape`, or a one-line error for a type or size gguf-py cannot read."""
+    import gguf
+
+    try:
+        return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+    except (NotImplementedError, ValueError, KeyError, IndexError) as exc:
+        raise LowbitError(f"{where}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); re-download the file") from None
 
 
 def _hf_pre_tokenizer(pre: str, path: Path) -> Any:
@@ -187,50 +328,71 @@ def _hf_pre_tokenizer(pre: str, path: Path) -> Any:
 
 def gguf_tokenizer_files(reader: Any, path: Path) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json equivalent to the GGUF's gpt2-BPE vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
     model = _field(reader, "tokenizer.ggml.model")
     pre = _field(reader, "tokenizer.ggml.pre", "default")
     if model == "llama":
         return _sentencepiece_tokenizer_files(path)
     if model != "gpt2":
-        raise LowbitError(f"{path}: tokenizer model {model!r} cannot be imported; lowbit imports byte-level BPE "
-                          "(gpt2) and SentencePiece (llama) vocabularies")
-    tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
-    types: list[int] = list(_field(reader, "tokenizer.ggml.token_type"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = _hf_pre_tokenizer(pre, path)
-    tok.decoder = decoders.ByteLevel()
-    specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
-    tok.add_special_tokens(specials)
-    bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
-    if _field(reader, "tokenizer.ggml.add_bos_token", False) and bos_id is not None:  # as Llama 3's file does
-        from tokenizers import processors
+        raise LowbitError(f"{path}: tokenizer model {str(model)[:40]!r} cannot be imported; lowbit imports byte-level "
+                          "BPE (gpt2) and SentencePiece (llama) vocabularies")
+    tokens, types, merges = (_field(reader, "tokenizer.ggml." + k) for k in ("tokens", "token_type", "merges"))
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)
+            and isinstance(types, list) and len(types) == len(tokens)
+            and isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise LowbitError(f"{path}: its gpt2 vocabulary (tokens, token types, merges) is malformed; re-download the file")
 
-        bos = tokens[int(bos_id)]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, int(bos_id))])
+    def token_id(key: str) -> int | None:
+        i = _number(reader, "tokenizer.ggml." + key, int, None)
+        if i is not None and not 0 <= i < len(tokens):
+            raise LowbitError(f"{path}: tokenizer.ggml.{key} {i} is outside its {len(tokens)} tokens; re-download the "
+                              "file")
+        return i
 
     def name_of(key: str) -> str | None:
-        v = _field(reader, "tokenizer.ggml." + key)
-        return None if v is None else tokens[int(v)]
+        i = token_id(key)
+        return None if i is None else tokens[i]
 
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    tok = _bpe_tokenizer(tokens, types, merges, pre, token_id("bos_token_id") if add_bos else None, path)
     tcfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": add_bos,
         "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
         "bos_token": name_of("bos_token_id"),
         "eos_token": name_of("eos_token_id"),
         "unk_token": name_of("unknown_token_id"),
         "pad_token": name_of("padding_token_id"),
-        "model_max_length": int(_field(reader, _field(reader, "general.architecture") + ".context_length", 2048)),
+        "model_max_length": _number(reader, f"{_field(reader, 'general.architecture')}.context_length", int, 2048),
         "clean_up_tokenization_spaces": False,
     }
     template = _field(reader, "tokenizer.chat_template")
-    if template:
+    if isinstance(template, str) and template:
         tcfg["chat_template"] = template
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(tcfg, indent=2)}
+
+
+def _bpe_tokenizer(tokens: list[str], types: list, merges: list[str], pre: Any, bos_id: int | None,
+                   path: Path) -> Any:
+    """A byte-level BPE tokenizer of these tokens and merges, adding token `bos_id` first when given (as
+    Llama 3's file does). The tokenizers library refuses vocabularies it cannot build with a bare Exception."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    pre_tokenizer = _hf_pre_tokenizer(str(pre), path)
+    try:
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=[tuple(m.split(" ", 1)) for m in merges]))
+        tok.pre_tokenizer = pre_tokenizer
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                                if ty == 3])
+        if bos_id is not None:
+            bos = tokens[bos_id]
+            tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                               special_tokens=[(bos, bos_id)])
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise LowbitError(f"{path}: its vocabulary cannot be built as a tokenizer ({' '.join(str(exc).split())[:120]})"
+                          "; re-download the file") from None
+    return tok
 
 
 def _sentencepiece_tokenizer_files(path: Path) -> dict[str, str]:
@@ -255,6 +417,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
     from lowbit.formats.atomic import atomic_dir
+    from lowbit.formats.safetensors_io import sort_header_metadata
 
     reader = open_gguf(gguf_path)
     cfg = gguf_config(reader, gguf_path)
@@ -267,6 +430,7 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "source": gguf_path.name})
+        sort_header_metadata(tmp / "model.safetensors")  # two metadata keys: make the bytes reproducible
 
 
 # ---------------------------------------------------------------- writing
@@ -292,12 +456,16 @@ def llama3_rope_factors(config: dict[str, Any], head_dim: int) -> np.ndarray | N
     float32 throughout, as the reference does, so the tensor is bit-identical to llama.cpp's converter.
     """
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type")) != "llama3":
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "llama3":
         return None
     f32 = np.float32
-    base = f32(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
-    factor, lo = f32(rope.get("factor", 8.0)), f32(rope.get("low_freq_factor", 1.0))
-    hi, old = f32(rope.get("high_freq_factor", 4.0)), f32(rope.get("original_max_position_embeddings", 8192))
+    try:
+        base = f32(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+        factor, lo = f32(rope.get("factor", 8.0)), f32(rope.get("low_freq_factor", 1.0))
+        hi, old = f32(rope.get("high_freq_factor", 4.0)), f32(rope.get("original_max_position_embeddings", 8192))
+    except (TypeError, ValueError, OverflowError):
+        raise LowbitError("config.json: llama3 rope scaling needs numbers for factor, low_freq_factor, high_freq_factor, "
+                          "original_max_position_embeddings and rope_theta; fix config.json") from None
     freqs = f32(1.0) / base ** (np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim))
     out = np.empty_like(freqs)
     for i, freq in enumerate(freqs):
@@ -418,15 +586,30 @@ def write_gguf(out_path: Path, config: dict[str, Any], tensors: Callable[[], Any
                           f"the GGUF {out_path.name}")
     with atomic_file(out_path) as tmp:
         w = _header_writer(tmp, config, plan, vocab, name, file_type, model_dir)
-        if rope_freqs is not None:
-            w.write_tensor_data(rope_freqs)
-        for (want, qtype, shape), (hf_name, arr, got_type) in zip(plan, arrays, strict=True):
-            if (want, qtype) != (hf_name, got_type) or tuple(shape) != tuple(spec_shape(arr, got_type)):
-                raise ValueError(f"GGUF writer: planned {want} {qtype} {tuple(shape)}, got {hf_name} {got_type} "
-                                 f"{tuple(spec_shape(arr, got_type))}")
-            w.write_tensor_data(arr)
-            del arr
-        w.close()
+        try:
+            if rope_freqs is not None:
+                w.write_tensor_data(rope_freqs)
+            for (want, qtype, shape), (hf_name, arr, got_type) in zip(plan, arrays, strict=True):
+                if (want, qtype) != (hf_name, got_type) or tuple(shape) != tuple(spec_shape(arr, got_type)):
+                    raise ValueError(f"GGUF writer: planned {want} {qtype} {tuple(shape)}, got {hf_name} "
+                                     f"{got_type} {tuple(spec_shape(arr, got_type))}")
+                w.write_tensor_data(arr)
+                del arr
+            w.close()
+        except BaseException:
+            close_writer_quietly(w)  # a failed write (a full disk) must not keep the deleted temporary's space
+            raise
+
+
+def close_writer_quietly(w: Any) -> None:
+    """Close a gguf-py writer's files after a failure. close() flushes first, which a full disk refuses
+    again; the file is closed all the same, and that second error is the one already being raised."""
+    for fh in w.fout or []:
+        try:
+            fh.close()
+        except OSError:
+            pass
+    w.fout = None
 
 
 def _header_writer(path: Path, config: dict[str, Any], plan: TensorPlan, vocab: Any, name: str, file_type: int,
@@ -554,7 +737,8 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
 
 # The activation format ggml's CPU dot product converts a matmul's input to, by weight type.
 VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
-                "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16"}
+                "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16",
+                "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K", "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K"}
 
 
 def round_activations(x: torch.Tensor, vec_dot_type: str | None) -> torch.Tensor:

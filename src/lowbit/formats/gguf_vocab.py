@@ -96,7 +96,11 @@ def identify_pre_tokenizer(tokenizer_json: Path, adds_bos: bool) -> str:
     """The llama.cpp pre-tokenizer name whose splits equal this tokenizer's on the probe text."""
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(tokenizer_json))
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_json))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        raise LowbitError(f"{tokenizer_json}: the tokenizers library cannot load it ({_one_line(exc)}); fix or "
+                          "re-download it") from None
     theirs = hf_split(tok, PROBE_TEXT)
     for cand in llamacpp_pretokenizers() if theirs is not None else ():
         if cand.adds_bos is not None and cand.adds_bos != adds_bos:
@@ -168,9 +172,12 @@ def _json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LowbitError(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
+        raise LowbitError(f"{path}: invalid JSON ({str(exc)[:200]}); fix or re-download it") from None
+    if not isinstance(doc, dict):
+        raise LowbitError(f"{path}: must hold a JSON object; fix or re-download it")
+    return doc
 
 
 def _is_sentencepiece(path: Path) -> bool:
@@ -184,15 +191,24 @@ def _is_sentencepiece(path: Path) -> bool:
     return True
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+
+
 def _special_vocab(folder: Path, n_vocab: int, merges: bool, tokenizer_json: dict[str, Any] | None = None) -> Any:
     import gguf
 
-    special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
+    try:  # gguf-py reads tokenizer.json, tokenizer_config.json and config.json itself, trusting their layout
+        special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed file makes gguf-py raise
+        raise LowbitError(f"{folder}: its special tokens or merges cannot be read ({_one_line(exc)}); fix or "
+                          "re-download tokenizer.json and tokenizer_config.json") from None
     # A ByteLevel post-processor adds neither BOS nor EOS: llama.cpp's own copy of gguf-py records both
     # as False (the gguf 0.19.0 release on PyPI leaves them unset, and llama.cpp would then default them).
     tj = _json(folder / "tokenizer.json") if tokenizer_json is None else tokenizer_json
     post = tj.get("post_processor") or {}
-    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+    steps = post.get("processors", [post]) if isinstance(post, dict) else []
+    if any(isinstance(p, dict) and p.get("type") == "ByteLevel" for p in steps if isinstance(steps, list)):
         for typ in ("bos", "eos"):
             special.add_special_token.setdefault(typ, False)
     return special
@@ -207,14 +223,19 @@ def _check_fits(n_tokens: int, vocab_size: int, where: Path) -> None:
 def _tokenizer_json_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     tj_path = folder / "tokenizer.json"
     tj = _json(tj_path)
-    model = tj.get("model", {})
+    model = tj.get("model") if isinstance(tj.get("model"), dict) else {}
     if model.get("type") != "BPE":
-        raise LowbitError(f"{tj_path}: tokenizer type {model.get('type')!r} has no llama.cpp GGUF form "
+        raise LowbitError(f"{tj_path}: tokenizer type {str(model.get('type'))[:40]!r} has no llama.cpp GGUF form "
                           "(byte-level BPE or SentencePiece only)")
     if model.get("byte_fallback"):
         return _llama_hf_vocab(folder, vocab_size)
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    vocab, added = model.get("vocab"), tj.get("added_tokens", [])
+    if not (isinstance(vocab, dict) and vocab and all(_token_id(i) for i in vocab.values())
+            and isinstance(added, list) and all(isinstance(a, dict) and _token_id(a.get("id"))
+                                                and isinstance(a.get("content"), str) for a in added)):
+        raise LowbitError(f"{tj_path}: its vocabulary is malformed (model.vocab must map tokens to ids, and each "
+                          "added token needs an id and its content); fix or re-download it")
+    added = {a["id"]: a for a in added}
     by_id = {i: t for t, i in vocab.items()} | {i: a["content"] for i, a in added.items()}
     _check_fits(max(by_id) + 1, vocab_size, tj_path)
     tokens, types = [], []
@@ -235,16 +256,23 @@ def _tokenizer_json_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     return GGUFVocab("gpt2", pre, tokens, types, None, special)
 
 
+def _token_id(i: object) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+
 def _llama_hf_vocab(folder: Path, vocab_size: int) -> GGUFVocab:
     """A SentencePiece-style tokenizer.json (byte-fallback BPE, no tokenizer.model), through gguf's reader."""
     import gguf
 
-    hf = gguf.LlamaHfVocab(folder)
     tokens, scores, types = [], [], []
-    for text, score, ttype in hf.all_tokens():
-        tokens.append(text.decode("utf-8"))
-        scores.append(score)
-        types.append(int(ttype))
+    try:  # gguf-py's reader trusts the file's layout
+        for text, score, ttype in gguf.LlamaHfVocab(folder).all_tokens():
+            tokens.append(text.decode("utf-8"))
+            scores.append(score)
+            types.append(int(ttype))
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed file makes gguf-py raise
+        raise LowbitError(f"{folder / 'tokenizer.json'}: its byte-fallback vocabulary cannot be read "
+                          f"({_one_line(exc)}); fix or re-download it") from None
     _check_fits(len(tokens), vocab_size, folder / "tokenizer.json")
     return GGUFVocab("llama", "default", tokens, types, scores, _special_vocab(folder, len(tokens), merges=False))
 

@@ -121,6 +121,8 @@ class HFFormat:
         g, (out, n_in) = info.grid, info.shape
         if not info.name.endswith(linear_suffixes()):
             return "a quantized embedding or lm_head (runtimes load these formats with only decoder linears quantized)"
+        if g.float_zero:
+            return "float zero points (--float-zero; it stores integer zeros; --format mlx holds them)"
         if g.bits not in self.bits:
             return f"{g.bits}-bit weights (it stores {'/'.join(map(str, self.bits))}-bit)"
         if info.act_order and not self.act_order:
@@ -227,7 +229,7 @@ def regroup(qt: QuantizedTensor, group: int) -> QuantizedTensor:
     if group == qt.config.group_size:
         return qt
     sub = torch.arange(qt.shape[1] // group) * group // qt.config.group_size  # lowbit group of each new one
-    grid = GridConfig(qt.config.bits, group, qt.config.symmetric)
+    grid = qt.config.with_group(group)
     return QuantizedTensor(qt.codes, qt.scales[:, sub].contiguous(), qt.zeros[:, sub].contiguous(), grid)
 
 
@@ -237,7 +239,7 @@ def merge_groups(qt: QuantizedTensor, group: int) -> QuantizedTensor:
         return qt
     first = torch.arange(-(-qt.shape[1] // group)) * group // qt.config.group_size
     merged = QuantizedTensor(qt.codes, qt.scales[:, first].contiguous(), qt.zeros[:, first].contiguous(),
-                             GridConfig(qt.config.bits, group, qt.config.symmetric))
+                             qt.config.with_group(group))
     back = regroup(merged, qt.config.group_size)
     return merged if torch.equal(back.scales, qt.scales) and torch.equal(back.zeros, qt.zeros) else qt
 
@@ -262,7 +264,7 @@ def planned_infos(model_dir: Path, qcfg) -> list[TensorInfo]:
 def checkpoint_infos(ck: LowbitCheckpoint) -> list[TensorInfo]:
     infos = []
     for name, t in ck.meta["tensors"].items():
-        grid = GridConfig(t["bits"], t["group_size"], t["symmetric"])
+        grid = GridConfig.from_meta(t)
         infos.append(TensorInfo(name, tuple(t["shape"]), grid, bool(t.get("act_order"))))
     return infos
 

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from lowbit.errors import LowbitError
 from lowbit.formats.atomic import atomic_file
+from lowbit.formats.safetensors_io import sort_header_metadata
 from lowbit.formats.gguf import gguf_name_to_hf, hf_name_to_gguf, open_gguf
 
 
@@ -36,53 +37,118 @@ Imatrix = dict[str, ImatrixEntry]  # keyed by HF weight name
 
 
 def write_imatrix_gguf(path: Path, imatrix: Imatrix, datasets: list[str], chunk_count: int, chunk_size: int) -> None:
+    with atomic_file(path) as tmp:
+        _gguf_to(tmp, imatrix, datasets, chunk_count, chunk_size)
+
+
+def write_imatrix_pair(path: Path, twin: Path, imatrix: Imatrix, meta: dict) -> None:
+    """`lowbit imatrix`'s two files, both written under temporary names and renamed only when both are
+    complete: a full disk or a kill leaves neither rather than one without its twin."""
+    with atomic_file(path) as tmp_gguf, atomic_file(twin) as tmp_twin:
+        _gguf_to(tmp_gguf, imatrix, [meta["file"]], meta["samples"], meta["seqlen"])
+        _lowbit_to(tmp_twin, imatrix, meta)
+
+
+def _gguf_to(tmp: Path, imatrix: Imatrix, datasets: list[str], chunk_count: int, chunk_size: int) -> None:
     import gguf
 
-    with atomic_file(path) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch="llama")
-        w.add_string("general.type", "imatrix")
-        w.add_array("imatrix.datasets", datasets)
-        w.add_uint32("imatrix.chunk_count", chunk_count)
-        w.add_uint32("imatrix.chunk_size", chunk_size)
-        for name in sorted(imatrix):
-            e = imatrix[name]
-            base = hf_name_to_gguf(name)
-            w.add_tensor(f"{base}.in_sum2", e.in_sum2.astype(np.float32))
-            w.add_tensor(f"{base}.counts", np.array([e.count], dtype=np.float32))
+    from lowbit.formats.gguf import close_writer_quietly
+
+    w = gguf.GGUFWriter(str(tmp), arch="llama")
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", datasets)
+    w.add_uint32("imatrix.chunk_count", chunk_count)
+    w.add_uint32("imatrix.chunk_size", chunk_size)
+    for name in sorted(imatrix):
+        e = imatrix[name]
+        base = hf_name_to_gguf(name)
+        w.add_tensor(f"{base}.in_sum2", e.in_sum2.astype(np.float32))
+        w.add_tensor(f"{base}.counts", np.array([e.count], dtype=np.float32))
+    try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    except BaseException:
+        close_writer_quietly(w)
+        raise
 
 
 def read_imatrix_gguf(path: Path) -> Imatrix:
+    from lowbit.formats.gguf import _field
+
     reader = open_gguf(path)
-    if reader.fields.get("general.type") is None or reader.fields["general.type"].contents() != "imatrix":
+    if _field(reader, "general.type") != "imatrix":
         raise LowbitError(f"{path}: not an imatrix GGUF (general.type is not 'imatrix')")
-    sums, counts = {}, {}
+    parts: dict[str, dict[str, np.ndarray]] = {}
     for t in reader.tensors:
-        base, kind = t.name.rsplit(".", 1)
-        target = sums if kind == "in_sum2" else counts if kind == "counts" else None
-        if target is not None:
-            target[gguf_name_to_hf(base)[0]] = np.array(t.data, dtype=np.float32).reshape(-1)
-    if set(sums) != set(counts):
-        raise LowbitError(f"{path}: imatrix has sums without counts (or the reverse); regenerate it")
-    return {n: ImatrixEntry(sums[n], float(counts[n][0])) for n in sums}
+        base, _, kind = t.name.rpartition(".")
+        if kind not in ("in_sum2", "counts"):
+            continue
+        if t.tensor_type.name != "F32":
+            raise LowbitError(f"{path}: imatrix tensor {t.name} is {t.tensor_type.name}, not F32; regenerate it")
+        try:
+            name = gguf_name_to_hf(base)[0]
+        except LowbitError:
+            raise LowbitError(f"{path}: imatrix entry {base[:80]!r} names no Llama-family weight; regenerate it for "
+                              "this model") from None
+        parts.setdefault(name, {})[kind] = np.array(t.data, dtype=np.float32).reshape(-1)
+    return _entries(parts, path)
+
+
+def _entries(parts: dict[str, dict[str, np.ndarray]], path: Path) -> Imatrix:
+    """Each weight's sums and count, both present, and usable as importance weights: a count and sums of
+    squares are finite and never negative (the block search divides and weighs by them)."""
+    out = {}
+    for name, p in parts.items():
+        if set(p) != {"in_sum2", "counts"}:
+            raise LowbitError(f"{path}: imatrix has sums without counts (or the reverse) for {name[:120]!r}; regenerate it")
+        sums, counts = p["in_sum2"], p["counts"]
+        if not (sums.size and counts.size and np.isfinite(sums).all() and np.isfinite(counts).all()
+                and (sums >= 0).all() and (counts >= 0).all()):
+            raise LowbitError(f"{path}: imatrix entry {name[:120]!r} is empty, negative or not finite; regenerate it")
+        out[name] = ImatrixEntry(sums, float(counts[0]))
+    return out
+
+
+def check_imatrix(imatrix: Imatrix, folder) -> None:
+    """Every entry fits the model it weighs: as many columns as the weight has inputs. An imatrix of
+    another model would otherwise fail inside the block search (or silently weigh the wrong columns)."""
+    for name, e in imatrix.items():
+        if folder.has(name) and e.in_sum2.size != folder.shape(name)[-1]:
+            raise LowbitError(f"--imatrix: {name} has {e.in_sum2.size} columns but the model's weight has "
+                              f"{folder.shape(name)[-1]} inputs; the imatrix was made for another model (compute "
+                              "one for this model)")
 
 
 def write_imatrix_lowbit(path: Path, imatrix: Imatrix, meta: dict) -> None:
+    with atomic_file(path) as tmp:
+        _lowbit_to(tmp, imatrix, meta)
+
+
+def _lowbit_to(tmp: Path, imatrix: Imatrix, meta: dict) -> None:
     tensors = {}
     for name, e in imatrix.items():
         tensors[f"{name}.in_sum2"] = e.in_sum2.astype(np.float32)
         tensors[f"{name}.counts"] = np.array([e.count], dtype=np.float32)
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "lowbit-imatrix", "meta": json.dumps(meta, sort_keys=True)})
+    save_file(tensors, str(tmp), metadata={"format": "lowbit-imatrix", "meta": json.dumps(meta, sort_keys=True)})
+    sort_header_metadata(tmp)  # two metadata keys: safetensors' own order varies by process
 
 
 def read_imatrix_lowbit(path: Path) -> Imatrix:
-    t = load_file(str(path))
-    names = {k.rsplit(".", 1)[0] for k in t}
-    return {n: ImatrixEntry(t[f"{n}.in_sum2"], float(t[f"{n}.counts"][0])) for n in names}
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # TypeError: a dtype numpy lacks (BF16)
+        raise LowbitError(f"{path}: not a readable imatrix safetensors ({' '.join(str(exc).split())[:160]}); "
+                          "regenerate it") from None
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        base, _, kind = key.rpartition(".")
+        if kind in ("in_sum2", "counts"):
+            parts.setdefault(base, {})[kind] = np.asarray(value, dtype=np.float32).reshape(-1)
+    return _entries(parts, path)
 
 
 def read_imatrix(path: Path) -> Imatrix:

@@ -140,7 +140,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, 
 
 
 def checkpoint_grids(ck: LowbitCheckpoint) -> dict[str, tuple[tuple[int, int], GridConfig, bool]]:
-    return {name: (tuple(t["shape"]), GridConfig(t["bits"], t["group_size"], t["symmetric"]), bool(t.get("act_order")))
+    return {name: (tuple(t["shape"]), GridConfig.from_meta(t), bool(t.get("act_order")))
             for name, t in ck.meta["tensors"].items()}
 
 

@@ -8,6 +8,8 @@ quantizer streaming a large model never holds more than one shard of output.
 from __future__ import annotations
 
 import json
+import math
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,14 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(fh.read(header_len))
     except OSError as exc:
         raise LowbitError(f"{path}: cannot read ({exc.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
         raise LowbitError(f"{path}: not a safetensors file (bad header); re-download it") from None
+    if not isinstance(header, dict):
+        raise LowbitError(f"{path}: not a safetensors file (its header is not a JSON object); re-download it")
     header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    for name, info in header.items():
+        _check_entry(path, name, info)
+    end = max((t["data_offsets"][1] for t in header.values()), default=0)
     if 8 + header_len + end > size:
         raise LowbitError(
             f"{path}: file is truncated ({size} bytes, header needs {8 + header_len + end}); re-download it"
@@ -44,11 +50,43 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _whole_numbers(v: object, n: int | None = None) -> bool:
+    return (isinstance(v, list) and (n is None or len(v) == n)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+
+
+def _check_entry(path: Path, name: str, info: object) -> None:
+    """One tensor's header entry is well formed, and its byte range holds exactly its shape in its dtype:
+    a header may then be trusted for reading, reshaping and sizing, whatever numbers it claims. Its name
+    must be printable: errors name tensors, and a newline in one would break the one-line error."""
+    if not name.isprintable():
+        raise LowbitError(f"{path}: tensor name {name[:200]!r} holds control characters; re-download it")
+    if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _whole_numbers(info.get("shape"))
+            and _whole_numbers(info.get("data_offsets"), 2) and info["data_offsets"][0] <= info["data_offsets"][1]):
+        raise LowbitError(f"{path}: tensor {name[:200]!r} has a malformed header entry (it needs dtype, shape and "
+                          "data_offsets [start, end]); re-download it")
+    item = ITEM_BYTES.get(info["dtype"])
+    start, end = info["data_offsets"]
+    if item is not None and end - start != math.prod(info["shape"]) * item:
+        raise LowbitError(f"{path}: tensor {name[:200]!r} holds {end - start} bytes, but shape {info['shape']} in "
+                          f"{info['dtype']} needs {math.prod(info['shape']) * item}; re-download it")
+
+
 def is_plain_file_name(name: object) -> bool:
     """A name from an input file that may be joined onto its folder: one plain path component, no
-    separators, no `..`, nothing absolute, no NUL (so it can neither leave the folder nor climb out)."""
+    separators, no `..`, nothing absolute, no NUL (so it can neither leave the folder nor climb out),
+    printable (a newline in it would break the one-line error that names it) and short enough for the
+    file system (255 bytes, with no unpaired surrogate that the OS cannot encode)."""
     return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
-            and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
+            and "\0" not in name and name.isprintable() and _encodable(name, 255)
+            and not Path(name).is_absolute() and Path(name).name == name)
+
+
+def _encodable(name: str, limit: int) -> bool:
+    try:
+        return len(os.fsencode(name)) <= limit
+    except UnicodeEncodeError:
+        return False
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -58,7 +96,7 @@ def shard_files(folder: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = set(weight_map.values())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as exc:
             raise LowbitError(f"{index}: invalid index ({exc!r}); re-download it") from None
         for name in sorted(names, key=str):
             if not is_plain_file_name(name):
@@ -78,7 +116,10 @@ def shard_files(folder: Path) -> list[Path]:
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
+# Bytes per element of every safetensors dtype (those lowbit reads and the rest of the format's list).
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+              "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 class TensorStore:
@@ -159,6 +200,27 @@ def _header_len(path: Path) -> int:
 # At most this much output is buffered before a shard is written: well inside the 1.5 GiB a run may
 # use beyond its largest layer and its activations, so a model of any size exports in bounded memory.
 SHARD_BYTES = 512 << 20
+
+
+def sort_header_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its keys sorted, in place.
+
+    safetensors stores `__metadata__` in a hash map, so a file with two or more metadata keys comes out
+    in a different key order from one process to the next; sorting makes the same inputs give the same
+    bytes. The header keeps its length (same keys, same values), so the data offsets do not move."""
+    with open(path, "r+b") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        raw = fh.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {k: header[k] for k in ["__metadata__"] + sorted(k for k in header if k != "__metadata__")
+                   if k in header}
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) > n:
+            raise LowbitError(f"{path}: safetensors header grew when sorted; please report this")
+        fh.seek(8)
+        fh.write(text + b" " * (n - len(text)))
 
 
 class ShardedWriter:

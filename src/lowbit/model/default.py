@@ -44,9 +44,12 @@ def default_model_dir() -> Path:
     """The materialised float32 HF folder of the default model, created on first use."""
     out = cache_dir() / "models" / f"{DEFAULT_NAME}-f32"
     if not (out / "model.safetensors").is_file():
+        from lowbit.formats.atomic import cache_fill_lock
         from lowbit.formats.gguf import gguf_to_hf_folder
 
-        gguf_to_hf_folder(default_gguf_path(), out)
+        with cache_fill_lock(out):  # two first runs at once: one writes it, the other waits for it
+            if not (out / "model.safetensors").is_file():
+                gguf_to_hf_folder(default_gguf_path(), out)
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
+from lowbit.errors import LowbitError
 from lowbit.model.arch import layer_name
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.runtime import placement
@@ -94,15 +95,26 @@ class Rope:
 
 
 def build_rope(config: dict, spec: ModelSpec, seq_len: int) -> Rope:
-    """cos/sin tables for positions 0..seq_len-1, honouring the config's rope scaling type."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    """cos/sin tables for positions 0..seq_len-1, honouring the config's rope scaling type.
+
+    A rope scaling that cannot be set up, or that rotates another number of frequencies than the
+    heads have, is a one-line error naming config.json's field rather than a failure in the forward."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise LowbitError(f"config.json: rope_scaling is {str(params)[:60]!r}, not an object; fix config.json")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    try:
+        theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    except (TypeError, ValueError):
+        raise LowbitError("config.json: rope_theta is not a number; fix config.json") from None
     scaling = 1.0
     if rope_type in (None, "default"):
         inv_freq = 1.0 / (theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float32) / spec.head_dim))
     else:
         inv_freq, scaling = _hf_rope(config, rope_type)
+    if inv_freq.numel() != spec.head_dim // 2:
+        raise LowbitError(f"config.json: rope scaling {str(rope_type)[:40]!r} rotates {inv_freq.numel()} frequencies, "
+                          f"but heads of {spec.head_dim} need {spec.head_dim // 2}; fix config.json")
     pos = torch.arange(seq_len, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -110,13 +122,18 @@ def build_rope(config: dict, spec: ModelSpec, seq_len: int) -> Rope:
 
 
 def _hf_rope(config: dict, rope_type: str) -> tuple[torch.Tensor, float]:
-    """Scaled rope variants (llama3, linear, yarn, ...) follow transformers' own definitions."""
+    """Scaled rope variants (llama3, linear, yarn, ...) follow transformers' own definitions, whose
+    checks of the config raise many exception types; each becomes one line naming rope scaling."""
     from transformers import AutoConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf_cfg = AutoConfig.for_model(**config)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
-    return inv_freq.float(), float(scaling)
+    try:
+        hf_cfg = AutoConfig.for_model(**config)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_cfg, torch.device("cpu"))
+        return inv_freq.float().reshape(-1), float(scaling)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise LowbitError(f"config.json: rope scaling {str(rope_type)[:40]!r} cannot be set up ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:120]}); fix rope_scaling in config.json") from None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

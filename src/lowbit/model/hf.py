@@ -42,27 +42,71 @@ class ModelSpec:
     bos_token_id: int | None
 
 
-def spec_from_config(c: dict[str, Any], arch: Arch, where: Path) -> ModelSpec:
-    """Normalise a config.json dict into the fields lowbit uses, with a clear error for a broken one."""
+# Far beyond any real model (Llama 3.1 405B: 126 layers, hidden 16384, 128 heads; vocabularies reach
+# about 256k), and small enough that a hostile config.json cannot make lowbit loop over 10^12 layers
+# or size a tensor no machine holds before a single weight is read.
+MAX_LAYERS = 1 << 14
+MAX_HEADS = 1 << 14
+MAX_DIM = 1 << 24  # hidden, intermediate, vocab
+MAX_HEAD_DIM = 1 << 12  # real heads are 64 to 512 wide; the rope tables loop over head_dim / 2
+MAX_POSITIONS = 1 << 31
+
+
+class _BadField(ValueError):
+    pass
+
+
+def _size(c: dict[str, Any], key: str, limit: int, default: Any = None) -> int:
+    """A positive whole-number field of the config, or _BadField naming it."""
+    value = c.get(key, default) if default is not None else c[key]
     try:
-        heads = int(c["num_attention_heads"])
-        hidden = int(c["hidden_size"])
-        return ModelSpec(
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or isinstance(value, float) and value != n or not 1 <= n <= limit:
+        raise _BadField(f"{key} is {str(value)[:40]!r}, not a whole number from 1 to {limit}")
+    return n
+
+
+def spec_from_config(c: dict[str, Any], arch: Arch, where: Path) -> ModelSpec:
+    """Normalise a config.json dict into the fields lowbit uses, with a clear error for a broken one.
+
+    Every size is checked here, once, so the readers, the planners and the forward pass can trust them:
+    positive, within the bounds above, whole heads of an even width (the rotary embedding rotates
+    pairs), and query heads a whole multiple of the key/value heads."""
+    try:
+        heads = _size(c, "num_attention_heads", MAX_HEADS)
+        hidden = _size(c, "hidden_size", MAX_DIM)
+        kv_heads = _size(c, "num_key_value_heads", MAX_HEADS, c.get("num_key_value_heads") or heads)
+        head_dim = _size(c, "head_dim", MAX_HEAD_DIM, c.get("head_dim") or max(1, hidden // heads))
+        spec = ModelSpec(
             arch=arch,
-            vocab_size=int(c["vocab_size"]),
+            vocab_size=_size(c, "vocab_size", MAX_DIM),
             hidden_size=hidden,
-            intermediate_size=int(c["intermediate_size"]),
-            num_layers=int(c["num_hidden_layers"]),
+            intermediate_size=_size(c, "intermediate_size", MAX_DIM),
+            num_layers=_size(c, "num_hidden_layers", MAX_LAYERS),
             num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            max_position_embeddings=_size(c, "max_position_embeddings", MAX_POSITIONS, 2048),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             bos_token_id=c.get("bos_token_id"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LowbitError(f"{where}: missing or bad field {exc}; fix config.json") from None
+    except KeyError as exc:
+        raise LowbitError(f"{where}: missing field {exc}; {_fix(where)}") from None
+    except _BadField as exc:
+        raise LowbitError(f"{where}: {exc}; {_fix(where)}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LowbitError(f"{where}: bad field ({exc}); {_fix(where)}") from None
+    if head_dim % 2 or heads % kv_heads:
+        raise LowbitError(f"{where}: head_dim {head_dim} must be even and num_attention_heads {heads} a multiple of "
+                          f"num_key_value_heads {kv_heads}; {_fix(where)}")
+    return spec
+
+
+def _fix(where: Path) -> str:
+    return "fix config.json" if Path(where).name == "config.json" else "fix or re-download the file"
 
 
 class ModelFolder:
@@ -77,7 +121,7 @@ class ModelFolder:
             raise LowbitError(f"{cfg_path}: missing; a HF model folder needs config.json")
         try:
             self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 5000-digit number, nesting too deep
             raise LowbitError(f"{cfg_path}: invalid JSON ({exc}); fix or re-download it") from None
         if not isinstance(self.config, dict):
             raise LowbitError(f"{cfg_path}: config.json must hold a JSON object; fix or re-download it")
@@ -98,10 +142,15 @@ class ModelFolder:
         A tensor outside the arch's layout (an MLP bias, a vision tower, ...) would be silently
         dropped by every writer, so it is refused here, before any work, naming the tensor.
         """
-        needed = expected_tensor_names(self.arch, self.spec)
-        for name in needed:
+        needed = expected_tensor_shapes(self.spec)
+        for name, shape in needed.items():
             if name not in self.store:
                 raise LowbitError(f"{self.path}: tensor {name} is missing from the safetensors files")
+            if self.store.shapes[name] != shape:
+                raise LowbitError(
+                    f"{self.store.files[name]}: tensor {name} has shape {list(self.store.shapes[name])} but "
+                    f"config.json makes it {list(shape)}; the weights and config.json do not belong together "
+                    "(re-download the model)")
         known = set(needed) | {self.arch.lm_head}
         for name in self.store.names():
             if name not in known and not name.endswith(IGNORED_SUFFIXES):

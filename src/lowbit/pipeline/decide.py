@@ -229,6 +229,8 @@ class CommandHint:
                     f"-o {self.out_dir}/{m.group(1)}-{method}.gguf")
         base, _, fmt = config.partition("@")
         parts = base.split(":")
+        if len(parts) < 3:  # not a lowbit config (a peer's row, a file name): no lowbit command rebuilds it
+            return f"lowbit compare {self.model} --configs gguf:Q4_K_M:imatrix   # {config} is not a lowbit config"
         fmt_opt = f" --format {fmt}" if fmt else ""
         flags = " --act-order" if "act" in parts[3:] else ""
         flags += " --asym" if "asym" in parts[3:] else ""

@@ -87,16 +87,40 @@ def overrides_for(tensor_types: dict[str, str]) -> tuple[str, ...]:
 def read_recipe(path: Path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LowbitError(f"--recipe {path}: not a readable recipe ({exc}); write one with `lowbit plan`") from None
+    except (OSError, ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a huge number, deep nesting
+        raise LowbitError(f"--recipe {path}: not a readable recipe ({str(exc)[:200]}); write one with `lowbit plan`"
+                          ) from None
     if not isinstance(doc, dict) or doc.get("lowbit_recipe") != RECIPE_VERSION:
         raise LowbitError(f"--recipe {path}: not a lowbit recipe (version {RECIPE_VERSION}); write one with `lowbit plan`")
     for key in ("target", "method", "file_type", "tensor_types", "calib"):
         if key not in doc:
             raise LowbitError(f"--recipe {path}: missing {key!r}; write it again with `lowbit plan`")
     if doc["target"] != "gguf":
-        raise LowbitError(f"--recipe {path}: target {doc['target']!r} is not one lowbit quantize reads (gguf)")
+        raise LowbitError(f"--recipe {path}: target {str(doc['target'])[:80]!r} is not one lowbit quantize reads "
+                          "(gguf)")
+    bad = _recipe_problem(doc)
+    if bad:
+        raise LowbitError(f"--recipe {path}: {bad} is malformed; write the recipe again with `lowbit plan`")
     return doc
+
+
+def _recipe_problem(doc: dict) -> str | None:
+    """The first field quantize_recipe could not use as it is (None: all usable). Values are checked by
+    the code that uses them (GGUFConfig, CalibConfig, the GGUF type names); this checks their kinds."""
+    tt, calib = doc["tensor_types"], doc["calib"]
+    if not isinstance(doc["method"], str) or not isinstance(doc["file_type"], str):
+        return "method or file_type"
+    if not isinstance(doc.get("model"), (str, type(None))):
+        return "model (a folder or repo id)"
+    if not isinstance(tt, dict) or not all(isinstance(v, str) for v in tt.values()):
+        return "tensor_types (a GGUF tensor name -> type object)"
+    if not isinstance(calib, dict):
+        return "calib"
+    if doc["method"] != "rtn" and not (
+            all(isinstance(calib.get(k), int) and not isinstance(calib.get(k), bool) for k in ("samples", "seqlen", "seed"))
+            and isinstance(calib.get("mode"), str) and isinstance(calib.get("text"), (str, type(None)))):
+        return "calib (samples, seqlen, seed, mode, text)"
+    return None
 
 
 def recipe_calibration(model_dir: Path, recipe: dict) -> CalibSet | None:

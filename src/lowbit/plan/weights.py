@@ -87,8 +87,9 @@ def load_config(model: Path | None, config: Path | None) -> tuple[dict[str, Any]
         raise LowbitError(f"{path}: no such config.json; pass a model folder or --config PATH")
     try:
         doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LowbitError(f"{path}: not a readable JSON config ({exc}); fix or re-download config.json") from None
+    except (OSError, ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a huge number, deep nesting
+        raise LowbitError(f"{path}: not a readable JSON config ({str(exc)[:200]}); fix or re-download config.json"
+                          ) from None
     if not isinstance(doc, dict):
         raise LowbitError(f"{path}: config.json must hold a JSON object")
     check_remote_code(doc, str(path))

@@ -10,9 +10,9 @@ needs no tuning of the gradient scale), with the learning rate decaying linearly
 loss is kept.
 
 How lowbit runs it, and what differs from the auto-round package:
-  * On lowbit's sequential pipeline: the block's inputs are the calibration activations after the layers
-    before it, *quantized*, and the target is the float block's output on those same inputs (auto-round
-    targets the float block on float inputs; lowbit keeps one activation stream, as its GPTQ and AWQ do).
+  * On lowbit's sequential pipeline, as auto-round: the block's inputs are the calibration activations
+    after the layers before it, *quantized*, and its target is the float model's activations after it (the
+    pipeline carries a float stream beside the quantized one for this method: Method.fp_targets).
   * Mini-batches of `batch` samples are drawn with a seeded generator, so a run is byte-reproducible.
   * The grid is lowbit's own (any bits, group, symmetric or not, a masked short last group), so the
     result exports exactly to every format the grid fits (GPTQ, compressed-tensors, AWQ, lowbit).
@@ -55,6 +55,8 @@ class _Params:
         shape = self.g.shape[:2]
         self.alpha = torch.ones(shape, requires_grad=True)
         self.beta = torch.ones(shape, requires_grad=True)
+        extreme = torch.gather(self.g, -1, self.g.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        self.positive_extreme = extreme > 0  # the sign RTN's symmetric scale takes (first largest |w|)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]
@@ -65,23 +67,26 @@ class _Params:
         wmax = self.g.amax(-1).clamp(min=0) * self.alpha
         wmin = self.g.amin(-1).clamp(max=0) * self.beta
         if cfg.symmetric:
-            amax = torch.maximum(wmax, -wmin)
-            scale = amax / cfg.sym_zero
+            # the signed extreme, as lowbit's RTN (grid.fit_scale_zero) and auto-round take it: the group's
+            # largest magnitude lands exactly on code 0 (-2^(b-1) levels), whichever its sign; a positive
+            # scale max|w|/2^(b-1) would clip a positive extreme to 2^(b-1)-1 levels
+            positive = (wmax > -wmin) | ((wmax == -wmin) & self.positive_extreme)  # ties: RTN's choice
+            scale = torch.where(positive, wmax, wmin) / -cfg.sym_zero
             zero = torch.full_like(scale, float(cfg.sym_zero))
-        else:
-            scale = (wmax - wmin) / cfg.qmax
-            zero = _ste_round(-wmin / scale.clamp(min=1e-12)).clamp(0, cfg.qmax)
-        scale = scale.clamp(min=1e-12)
-        return scale + (fp16_nonzero(scale) - scale).detach(), zero  # stored as float16: train on that value
+            return _as_stored(scale), zero
+        # the zero is rounded against the stored (float16) scale, as grid.fit_scale_zero does
+        scale = _as_stored(((wmax - wmin) / cfg.qmax).clamp(min=1e-12))
+        return scale, _ste_round(-wmin / scale).clamp(0, cfg.qmax)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference formulation (autograd through each op); `fake` runs the same maths fused."""
         scale, zero = self.scale_zero()
         q = torch.clamp(_ste_round(self.g / scale.unsqueeze(-1) + self.v) + zero.unsqueeze(-1), 0, self.cfg.qmax)
         return q, scale, zero
 
     def fake(self) -> torch.Tensor:
-        q, scale, zero = self.codes()
-        return ungroup(scale.unsqueeze(-1) * (q - zero.unsqueeze(-1)), self.n_in)
+        scale, zero = self.scale_zero()
+        return ungroup(FakeQuant.apply(self.g, self.v, scale, zero, self.cfg.qmax), self.n_in)
 
     @torch.no_grad()
     def clamp_(self, lo: float, hi: float) -> None:
@@ -96,21 +101,74 @@ class _Params:
         return from_groups(q.detach(), scale.detach(), zero.detach(), self.cfg, self.n_in)
 
 
+class FakeQuant(torch.autograd.Function):
+    """s * (clamp(round(g / s + v) + z, 0, qmax) - z) with straight-through rounding, in one pass each way.
+
+    The same values and gradients as autograd through the separate ops of `_Params.codes` (a test checks
+    both), but with a handful of full-size temporaries instead of about twenty: the element-wise work on the
+    fake weights was most of an iteration's time on CPU. With m the in-range mask of the clamp:
+    d/dv = s*m, d/ds = sum over the group of (q - z) - m*g/s, d/dz = -s * sum of (1 - m)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int):
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        t = torch.round(g / s + v).add_(z)
+        inside = (t >= 0) & (t <= qmax)
+        q = t.clamp_(0, qmax)
+        ctx.save_for_backward(g, q, inside, scale, zero)
+        return (q - z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        g, q, inside, scale, zero = ctx.saved_tensors
+        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+        grad_in = grad * inside
+        grad_v = grad_in * s if ctx.needs_input_grad[1] else None
+        grad_s = grad_z = None
+        if ctx.needs_input_grad[2]:
+            grad_s = (grad * (q - z)).sum(-1) - (grad_in * g).sum(-1) / scale
+        if ctx.needs_input_grad[3]:
+            grad_z = -scale * (grad - grad_in).sum(-1)
+        return None, grad_v, grad_s, grad_z, None
+
+
+def _as_stored(scale: torch.Tensor) -> torch.Tensor:
+    """The float16 value the scale will be stored as, with the float gradient (straight-through)."""
+    return scale + (fp16_nonzero(scale) - scale).detach()
+
+
 def _ste_round(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
 def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, grid: GridConfig,
-                   acfg: AutoRoundConfig = AutoRoundConfig()) -> dict[str, QuantizedTensor]:
-    """Learn every linear of one decoder block on inputs `x` [N, T, H]; returns their quantized tensors."""
+                   acfg: AutoRoundConfig = AutoRoundConfig(),
+                   target: torch.Tensor | None = None) -> dict[str, QuantizedTensor]:
+    """Learn every linear of one decoder block on inputs `x` [N, T, H]; returns their quantized tensors.
+
+    `target` is what the block should output for `x`: the float block's output on the *float* inputs, as
+    auto-round does (the pipeline carries both streams), so each block also learns to undo the error of
+    the quantized blocks before it. None: the float block's output on `x` itself."""
+    with torch.inference_mode(False):  # the pipeline runs in inference mode; learnables need autograd
+        params = {s: _Params(w[s].detach().clone().float(), grid) for s in LINEAR_SHORTS}
+    learn_block(w, x, spec, rope, params, acfg, target)
+    return {s: p.quantized() for s, p in params.items()}
+
+
+def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, params: dict,
+                acfg: AutoRoundConfig, target: torch.Tensor | None = None) -> None:
+    """SignRound's loop: move each learnable of `params` (short -> an object with fake(), tensors() and
+    clamp_(lo, hi)) by lr * sign(gradient) of the block's output error, keeping the best iterate in place.
+    Linears not in `params` run as they are in `w`."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().float()
         fixed = {k: v.detach().clone().float() for k, v in w.items()}
-        with torch.no_grad():
-            target = torch.cat([decoder_layer(x[i:i + acfg.batch], fixed, spec, rope)
-                                for i in range(0, x.shape[0], acfg.batch)])
-        params = {s: _Params(fixed[s], grid) for s in LINEAR_SHORTS}
-        lr0 = acfg.lr if acfg.lr is not None else 1.0 / acfg.iters
+        if target is None:
+            with torch.no_grad():
+                target = torch.cat([decoder_layer(x[i:i + acfg.batch], fixed, spec, rope)
+                                    for i in range(0, x.shape[0], acfg.batch)])
+        target = target.detach().float()
+        lr0 = acfg.lr if acfg.lr is not None else 1.0 / max(acfg.iters, 1)
         gen = torch.Generator().manual_seed(acfg.seed)
         best_loss, best = float("inf"), None
         for it in range(acfg.iters):
@@ -133,4 +191,3 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
             with torch.no_grad():
                 for t, b in zip(flat, best):
                     t.copy_(b)
-        return {s: p.quantized() for s, p in params.items()}

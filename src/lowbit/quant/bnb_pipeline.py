@@ -25,14 +25,13 @@ from lowbit.errors import LowbitError
 from lowbit.formats import bnb
 from lowbit.formats.atomic import check_writable_target
 from lowbit.formats.packed_folder import check_row_widths, packed_key, write_packed_folder
-from lowbit.model.arch import LINEARS
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import int8, nf4
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import FactoredHessian
-from lowbit.quant.gptq_codebook import factor, quantize_codebook_gptq
-from lowbit.quant.pipeline import PartialRun, gather_stats, run_key, run_sequential
-from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.quant.gptq_codebook import quantize_codebook_gptq
+from lowbit.quant.codebook_layer import quantize_layer_groups
+from lowbit.quant.pipeline import PartialRun, run_key, run_sequential
 from lowbit.runtime import Placement, placement
 
 METHODS = ("rtn", "gptq")
@@ -95,22 +94,9 @@ def quantize_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, cfg: BnbC
                    names: dict[str, str], dtype_name: str, where: Placement
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(dequantized linears, tensors to persist: packed linears and the layer's other tensors)."""
-    stats = None
-    if cfg.method == "gptq":
-        assert x is not None
-        # float32 products, accumulated in float64, as the GGUF pipeline's GPTQ (README: Scale)
-        stats = gather_stats(x, w, spec, rope, LayerStats(True, False, where.stats_dtype, sums=False,
-                                                          product_dtype=torch.float32), where)
-    deq, saved = {}, {k: v for k, v in w.items() if k not in dict(LINEARS)}
-    for lead, members in INPUT_GROUPS.items():
-        fh = None
-        if stats is not None:
-            fh = factor(stats.for_linear(lead).hessian.cpu(), w[lead].shape[1], names[lead], cfg.gptq)
-        for m in members:
-            qt = quantize_linear(w[m].float().cpu(), cfg, fh)
-            deq[m] = qt.dequantize().to(w[m].device)
-            saved.update(packed(m, qt, dtype_name))
-    return deq, saved
+    return quantize_layer_groups(w, x, cfg.gptq if cfg.method == "gptq" else None, spec, rope, names, where,
+                                 lambda weight, fh, name: quantize_linear(weight, cfg, fh),
+                                 lambda m, qt: packed(m, qt, dtype_name))
 
 
 def quantize_to_bnb(model_dir: Path, cfg: BnbConfig, out: Path, overwrite: bool = False,

@@ -1,7 +1,9 @@
 """llama.cpp's block quantization types, vectorised in numpy and bit-compatible with ggml.
 
-Ten types: the legacy Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks) and the
-k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks). Each is a small
+Fourteen types: the legacy Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks), the
+k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks) and the
+non-linear i-quants IQ4_NL (32), IQ4_XS, IQ2_XXS and IQ2_XS (256; the IQ2 pair
+needs an importance, and its codes are grid points of 8 weights). Each is a small
 `BlockType` subclass that knows four things: how llama.cpp searches the block
 parameters (`fit`), how it rounds the weights once those are fixed (`codes`),
 what one code is worth (`effective`), and the exact ggml byte layout
@@ -26,7 +28,9 @@ Which search runs (as in ggml's `quantize_<type>` dispatch):
   * importance given (the imatrix column means of x^2 for this tensor): the
     `quantize_row_<type>_impl` path (make_qkx3 + make_qp for Q2_K/Q4_K/Q5_K,
     weighted make_qx for Q3_K/Q6_K/Q4_0/Q5_0, make_qkx3 for Q4_1/Q5_1).
-    Q8_0 ignores the imatrix, as llama.cpp does. The legacy impl paths weight
+    Q8_0 ignores the imatrix, as llama.cpp does. IQ4_NL / IQ4_XS have no separate
+    reference path in llama_model_quantize: quantize_iq4_nl / quantize_iq4_xs run
+    with x^2 weights without an imatrix. The legacy impl paths weight
     by sigma2 = mean x^2 over the whole row, so fitting column slices of a
     legacy type with an importance is not the same as fitting the full rows
     (k-quants only look inside their own 256-element block).
@@ -48,10 +52,13 @@ caller) `codes` rounds to the nearest level of the stored grid and uses code
 `zero` where a scale is 0.
 
 Codes are uint8 in [qmin, qmax]; a weight dequantizes as
-``scale * (code - zero) + bias`` with the (scale, bias) of `effective`, which is
-bit-identical to ``gguf.quants.dequantize`` (and ggml's dequantize_row_*) for
-every code. Symmetric types get bias -0.0, which leaves every float32 unchanged.
-Q8_0 stores its int8 value q as code q + 128.
+``scale * code_values(code) + bias`` with the (scale, bias) of `effective`, which
+is bit-identical to ``gguf.quants.dequantize`` (and ggml's dequantize_row_*) for
+every code. code_values is ``code - zero`` on the linear grids and the type's
+level table (`levels`, kvalues_iq4nl) on the i-quants, whose final codes also come
+from the search (like the legacy types) and whose fallback rounding is ggml's
+best_index_int8 (`best_index`). Symmetric types get bias -0.0, which leaves every
+float32 unchanged. Q8_0 stores its int8 value q as code q + 128.
 
 Residual differences
 --------------------
@@ -433,7 +440,11 @@ class BlockType:
     qmax: int = 0
     zero: int = 0
     requantizes = False                 # k-quants re-round against the stored scales
+    levels: np.ndarray | None = None    # float32 value of each code on a non-linear grid (i-quants)
     layout: tuple[tuple[str, int], ...] = ()  # (field, bytes) in ggml struct order
+    needs_importance = False            # refuses to fit without an imatrix row (llama.cpp's IQ2)
+    search_only = False                 # codes come only from the type's own search (grid points of several
+    #                                     weights): GPTQ / AutoRound cannot move one weight at a time
 
     @property
     def bytes_per_block(self) -> int:
@@ -471,14 +482,23 @@ class BlockType:
         s = scale.reshape(rows, nb, per, 1)
         b = bias.reshape(rows, nb, per, 1)
         xs = x.reshape(rows, nb, per, self.sub)
+        if self.levels is not None:  # non-linear grid: ggml's nearest level of x / scale
+            return self._nearest_levels(xs, s).astype(np.uint8).reshape(rows, -1)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             q = np.clip(nearest_int((xs - b) / s) + self.zero, self.qmin, self.qmax)
         fallback = self.zero if search is None else np.asarray(search).reshape(xs.shape)
         return np.where(s == 0, fallback, q).astype(np.uint8).reshape(rows, -1)
 
+    def code_values(self, codes: np.ndarray) -> np.ndarray:
+        """What each code is worth before the sub-block scale, float32: code - zero on a linear grid,
+        the type's table (`levels`) on a non-linear one. A weight dequantizes to scale * value + bias."""
+        if self.levels is not None:
+            return self.levels[np.asarray(codes, dtype=np.intp)]
+        return np.asarray(codes).astype(F32) - F32(self.zero)
+
     def effective(self, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(scale, bias) float32 [rows, n // sub]: a code dequantizes, in float32, to exactly
-        scale * (code - zero) + bias, the value ggml and gguf-py decode from the packed block."""
+        scale * code_values(code) + bias, the value ggml and gguf-py decode from the packed block."""
         scale, bias = self._effective(params)
         rows = scale.shape[0]
         return scale.astype(F32).reshape(rows, -1), bias.astype(F32).reshape(rows, -1)
@@ -544,7 +564,7 @@ class BlockType:
         params, codes = self.unpack(raw, n)
         scale, bias = self.effective(params)
         rows = codes.shape[0]
-        q = codes.reshape(rows, -1, self.sub).astype(F32) - F32(self.zero)
+        q = self.code_values(codes.reshape(rows, -1, self.sub))
         return (scale[..., None] * q + bias[..., None]).reshape(rows, n)
 
     # -- shared pieces
@@ -557,6 +577,9 @@ class BlockType:
         return w.reshape(w.shape[0], -1, self.block)
 
     def _fit(self, x: np.ndarray, qw: np.ndarray | None) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _nearest_levels(self, xs: np.ndarray, scale: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _effective(self, params):
@@ -912,8 +935,675 @@ class Q6_K(_SymmetricK):
         return {"d": fp16_from_bytes(f["d"]), "scales": scales}, low | (high << 4)
 
 
+# ---------------------------------------------------------------- i-quants: IQ4_NL, IQ4_XS
+
+# kvalues_iq4nl (ggml-common.h): the 16 non-linear levels shared by IQ4_NL and IQ4_XS, ascending.
+IQ4NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
+
+
+def best_index(levels: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8: the index of the level nearest to float32 v, ties to the upper level.
+
+    Below the first level -> 0, above the last -> n-1; otherwise, with lo < v < hi the two levels around v,
+    lo's index when (v - lo) < (hi - v) in float32, else hi's. Works on any shape (integer result)."""
+    v = np.asarray(v, dtype=F32)
+    nat = _native()
+    if nat and levels.size <= 16:
+        return nat.best_index(v, levels)
+    n = levels.size
+    hi = np.clip(np.searchsorted(levels, v, side="right"), 1, n - 1)  # first level > v
+    with np.errstate(invalid="ignore"):
+        idx = np.where((v - levels[hi - 1]) < (levels[hi] - v), hi - 1, hi)
+        idx = np.where(v <= levels[0], 0, idx)
+        return np.where(v >= levels[-1], n - 1, idx)
+
+
+def search_iq4(x: np.ndarray, weights: np.ndarray, levels: np.ndarray = IQ4NL_LEVELS, ntry: int = 7) -> np.ndarray:
+    """The scale search of quantize_row_iq4_nl_impl for one 32-element group per lane: scale [N].
+
+    x, weights: [n, N]. A first scale maps the signed largest element onto -levels[0] (127); then
+    2*ntry+1 trials map it onto levels[0] + itry, and the least-squares scale of the trial with the best
+    sumqx^2 / sumq2 wins. Groups whose largest |x| is below GROUP_MAX_EPS get scale 0.
+    """
+    mx = signed_absmax(x)
+
+    def trial(inv):
+        q = levels[best_index(levels, inv * x)]
+        wq = weights * q
+        return seq_sum(wq * x), seq_sum(wq * q)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d0 = (-mx) / levels[0]  # ggml: -max / values[0]
+        sumqx, sumq2 = trial(F32(1) / d0)
+        d = np.where(sumq2 > 0, sumqx / sumq2, F32(0)).astype(F32)
+        best = d * sumqx
+        for itry in range(-ntry, ntry + 1):
+            sumqx, sumq2 = trial(F32(itry + int(levels[0])) / mx)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d)
+            best = np.where(better, d * sumqx, best)
+    return np.where(np.abs(mx) < GROUP_MAX_EPS, F32(0), d).astype(F32)
+
+
+def rows_iq4(x: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """search_iq4 over rows of lanes [N, 32] (weights None: x^2), compiled when available."""
+    nat = _native()
+    if nat:
+        return nat.search_nonlinear(x, weights, IQ4NL_LEVELS, 7)
+    return search_iq4(_cols(x), _cols(x * x if weights is None else weights))
+
+
+def _inverse(v: np.ndarray) -> np.ndarray:
+    """ggml's ``v ? 1/v : 0`` in float32."""
+    with np.errstate(divide="ignore"):
+        return np.where(v != 0, F32(1) / v, F32(0)).astype(F32)
+
+
+class _IQ4(BlockType):
+    """IQ4_NL / IQ4_XS: 4-bit codes onto kvalues_iq4nl, 32-element sub-blocks, one search per sub-block.
+
+    llama_model_quantize runs quantize_iq4_nl / quantize_iq4_xs with or without an imatrix (never the
+    _ref path): weights are x^2 without one, imatrix[j] * sqrt(sigma2 + x^2) with one, sigma2 = 2/Nsb
+    times the sum of x^2 over the (super-)block. The final codes come from the unrounded float32 scale
+    (IQ4_NL) or the unrounded d times the integer sub-block scale (IQ4_XS), not from the stored fp16:
+    they are the search codes, as for the legacy types. Code 8 (value 1) is what a zero scale gives.
+    """
+
+    sub = 32
+    qmin, qmax, zero = 0, 15, 8
+    levels = IQ4NL_LEVELS
+
+    def _sub_scales(self, x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+        """The searched float32 scale of every 32-element sub-block, [rows * nb, block // 32]."""
+        weights = None
+        if qw is not None:
+            flat = x.reshape(-1, self.block)
+            sigma2 = rows_sum(flat * flat).reshape(*x.shape[:2], 1) * F32(2.0 / self.block)
+            with np.errstate(invalid="ignore", over="ignore"):
+                weights = _imatrix_weights(x, qw, sigma2).reshape(-1, 32)
+        return rows_iq4(x.reshape(-1, 32), weights).reshape(-1, self.block // 32)
+
+    def _nearest_levels(self, xs, scale):
+        with np.errstate(invalid="ignore"):
+            return best_index(self.levels, _inverse(scale) * xs)
+
+
+class IQ4_NL(_IQ4):
+    """32-element blocks: fp16 d, codes packed like Q4_0 (element j low nibble, j + 16 high)."""
+
+    name, ggml_type = "IQ4_NL", gguf.GGMLQuantizationType.IQ4_NL
+    block = 32
+    layout = (("d", 2), ("qs", 16))
+
+    def _fit(self, x, qw):
+        scale = self._sub_scales(x, qw)  # [B, 1]
+        with np.errstate(invalid="ignore"):
+            codes = best_index(self.levels, _inverse(scale) * x.reshape(-1, 32))
+        return {"d": to_fp16(scale[:, 0]), "search_codes": codes.astype(np.uint8)}
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)
+        return d, _neg_zero(d)
+
+    def _encode(self, p, codes):
+        return {"d": fp16_bytes(p["d"]), "qs": pack_bits(codes.reshape(-1, 2, 16), 4, axis=1)}
+
+    def _decode(self, f):
+        return {"d": fp16_from_bytes(f["d"])}, unpack_bits(f["qs"], 4, 2, axis=1).reshape(-1, 32)
+
+
+class IQ4_XS(_IQ4):
+    """256-element super-blocks: fp16 d and eight 6-bit sub-block scales (stored l + 32, low nibbles in
+    scales_l, high 2-bit pairs in the uint16 scales_h); dequant d * (l - 32) * kvalues[code]."""
+
+    name, ggml_type = "IQ4_XS", gguf.GGMLQuantizationType.IQ4_XS
+    block = QK_K
+    layout = (("d", 2), ("scales_h", 2), ("scales_l", 4), ("qs", 128))
+
+    def _fit(self, x, qw):
+        scales = self._sub_scales(x, qw)  # [B, 8]
+        d = -signed_absmax(scales.T) / F32(32)
+        ls = np.clip(nearest_int(_inverse(d)[:, None] * scales), -32, 31)
+        dl = d[:, None] * ls.astype(F32)
+        with np.errstate(invalid="ignore"):
+            codes = best_index(self.levels, _inverse(dl)[..., None] * x.reshape(-1, 8, 32))
+        return {"d": to_fp16(d), "scales": (ls + 32).astype(np.uint8),
+                "search_codes": codes.reshape(-1, QK_K).astype(np.uint8)}
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        scale = d * (np.asarray(p["scales"]).astype(np.int32) - 32).astype(F32)
+        return scale, _neg_zero(scale)
+
+    def _encode(self, p, codes):
+        ls = np.asarray(p["scales"]).astype(np.uint8)
+        return {"d": fp16_bytes(p["d"]),
+                "scales_h": pack_bits((ls >> 4).reshape(-1, 2, 4), 2, axis=2),
+                "scales_l": pack_bits(ls.reshape(-1, 4, 2), 4, axis=2),
+                "qs": pack_bits(codes.reshape(-1, 8, 2, 16), 4, axis=2).reshape(-1, 128)}
+
+    def _decode(self, f):
+        high = unpack_bits(f["scales_h"], 2, 4, axis=2).reshape(-1, 8)
+        low = unpack_bits(f["scales_l"], 4, 2, axis=2).reshape(-1, 8)
+        codes = unpack_bits(f["qs"].reshape(-1, 8, 16), 4, 2, axis=2).reshape(-1, QK_K)
+        return {"d": fp16_from_bytes(f["d"]), "scales": (low | (high << 4)).astype(np.uint8)}, codes
+
+
+# ---------------------------------------------------------------- i-quants: IQ3_XXS
+
+
+def _iq3_tables():
+    """From the 256 grid points: (levels L [256, 4], map u -> grid index or -1 [4096], neighbours [4096, M]).
+
+    u packs four 3-bit levels (level i at bits 3i). For a u off the grid, ggml's iq3xs_init_impl lists the
+    grid points of the two smallest squared distances (in units of 2L+1), ordered by (distance, index);
+    the rows are padded with -1."""
+    from lowbit.quant.ggml_iq_grids import IQ3XXS_KGRID
+
+    levels = (IQ3XXS_KGRID[:, None].astype(np.int64) >> (3 * np.arange(4))) & 7
+    kmap = np.full(4096, -1, np.int64)
+    kmap[IQ3XXS_KGRID.astype(np.int64)] = np.arange(256)
+    pos = 2 * ((np.arange(4096)[:, None] >> (3 * np.arange(4))) & 7) + 1
+    d2 = ((2 * levels + 1)[None] - pos[:, None]) ** 2
+    d2 = d2.sum(-1)                                                   # [4096, 256]
+    order = np.argsort(d2, axis=1, kind="stable")                     # by distance, then index
+    sd2 = np.take_along_axis(d2, order, axis=1)
+    second = np.array([np.unique(r)[:2][-1] for r in sd2])           # the second distinct distance
+    keep = sd2 <= second[:, None]
+    width = int(keep.sum(1).max())
+    neighbours = np.where(keep, order, -1)[:, :width]
+    neighbours[kmap >= 0] = -1
+    return levels, kmap, neighbours
+
+
+class IQ3_XXS(BlockType):
+    """256-element super-blocks of 8 sub-blocks of 32: fp16 d; per sub-block a 4-bit scale ls and, per group of
+    8, 7 sign bits (the 8th makes the count of negatives even); per group of 4, one of 256 grid points
+    (four magnitudes 2L+1, L in 0..7). A weight dequantizes to d * (0.5 + ls) * 0.5 * byte[L] * sign.
+
+    Codes: L + 8 for a negative weight, L for a positive one; `levels` holds +-IQ3XXS_BYTES. Only codes that
+    llama.cpp's search can produce pack (groups of 4 on the grid, an even count of negatives per 8).
+    The search is quantize_row_iq3_xxs_impl's: 31 trial scales, off-grid groups moved to the best of their
+    precomputed neighbours, then the sub-block scales quantized against d = max / 31 (stored d * 1.0125).
+
+    Not in TYPES yet (so no file type or --tensor-type offers it): the numpy search is byte-exact with
+    llama.cpp (tests/test_iq3_xxs.py) but slow, ~20-30 us per weight, and has no compiled port; GPTQ cannot
+    target it (a group of 4 must stay on the grid).
+    """
+
+    name, ggml_type = "IQ3_XXS", gguf.GGMLQuantizationType.IQ3_XXS
+    block, sub = QK_K, 32
+    qmin, qmax, zero = 0, 15, 0
+    layout = (("d", 2), ("qs", 64), ("signs", 32))
+
+    def __init__(self):
+        from lowbit.quant.ggml_iq_grids import IQ3XXS_BYTES
+
+        b = IQ3XXS_BYTES.astype(F32)
+        self.levels = np.concatenate([b, -b]).astype(F32)
+        self._tables = None
+
+    @property
+    def tables(self):
+        if self._tables is None:
+            self._tables = _iq3_tables()
+            self._points = (2 * self._tables[0] + 1).astype(F32)
+            nbr = self._tables[2]
+            self._nb_count = (nbr >= 0).sum(1)                          # neighbour lists, flattened (CSR)
+            self._nb_start = np.cumsum(self._nb_count) - self._nb_count
+            self._nb_flat = nbr[nbr >= 0]
+        return self._tables
+
+    def _best_neighbour(self, u, xval, waux, scale):
+        """iq3_find_best_neighbour for groups [G] of 4: the levels [G, 4] of the weighted-nearest neighbour.
+
+        Every (group, neighbour) pair is scored at once (about 5 neighbours per off-grid point); within a
+        group the first of the smallest scores wins, as ggml's strict `d2 < best_d2` keeps the first."""
+        levels = self.tables[0]
+        count = self._nb_count[u]                                       # [G]
+        first = np.cumsum(count) - count
+        group = np.repeat(np.arange(len(u)), count)
+        cand = self._nb_flat[np.repeat(self._nb_start[u] - first, count) + np.arange(int(count.sum()))]
+        q = self._points[cand]                                          # [P, 4] float32 2L+1, group by group
+        d2 = np.zeros(len(cand), F32)
+        sc, xs, ws = scale[group], xval[group], waux[group]
+        for i in range(4):
+            diff = sc * q[:, i] - xs[:, i]
+            d2 += ws[:, i] * diff * diff
+        mins = np.minimum.reduceat(d2, first)
+        pos = np.where(d2 == mins[group], np.arange(len(cand)), len(cand))
+        return levels[cand[np.minimum.reduceat(pos, first)]]
+
+    def _snap(self, L, xval, waux, scale, want):
+        """Groups [S, 8] of L [S, 32]: where `want`, u from L; off-grid ones go to their best neighbour.
+        Returns (L with those groups replaced, on-grid mask [S, 8])."""
+        _, kmap, _ = self.tables
+        g = L.reshape(-1, 8, 4)
+        u = (g << (3 * np.arange(4))).sum(-1)
+        on = kmap[u] >= 0
+        off = want & ~on
+        if off.any():
+            S = np.nonzero(off)
+            xs = xval.reshape(-1, 8, 4)[S]
+            ws = waux.reshape(-1, 8, 4)[S]
+            g = g.copy()
+            g[S] = self._best_neighbour(u[S], xs, ws, scale[S[0]])
+        return g.reshape(-1, 32), on
+
+    def _fit(self, x, qw):
+        rows, nb = x.shape[:2]
+        flat = x.reshape(-1, QK_K)
+        xb = flat.reshape(-1, 32)                                       # sub-blocks [S, 32]
+        sumx2 = rows_sum(flat * flat)
+        sigma2 = (F32(2) * sumx2 / F32(QK_K)).repeat(8)[:, None]
+        with np.errstate(invalid="ignore", over="ignore"):
+            weight = xb * xb if qw is None else qw.reshape(-1, 32) * np.sqrt(sigma2 + xb * xb)
+            waux = np.sqrt(weight)
+        neg = ~(xb >= 0)
+        xval = np.where(neg, -xb, xb)
+        ng = neg.reshape(-1, 4, 8)
+        odd = (ng.sum(-1) % 2) == 1                                     # [S, 4]
+        imin = np.argmin((weight * xb * xb).reshape(-1, 4, 8), axis=-1)
+        flip = odd[..., None] & (np.arange(8) == imin[..., None])       # [S, 4, 8]
+        xval = np.where(flip.reshape(-1, 32), -xval, xval)
+        sign = ng ^ flip
+        bits = (sign.astype(np.int64) << np.arange(8)).sum(-1)          # [S, 4]
+        block_signs = bits & 127
+        mx = xval.max(axis=1)
+        S = xb.shape[0]
+        best = np.zeros(S, F32)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            scale = (mx / F32(15)).astype(F32)
+            L = np.zeros((S, 32), np.int64)
+            is_on = np.ones((S, 8), bool)
+            for step in range(-15, 16):
+                inv = (F32(15) + F32(step) * F32(0.2)) / mx
+                this_scale = F32(1) / inv
+                laux = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 7).astype(np.int64)
+                laux, on = self._snap(laux, xval, waux, this_scale, np.ones((S, 8), bool))
+                q = (2 * laux + 1).astype(F32)
+                sumqx = rows_sum(weight * xval * q)
+                sumq2 = rows_sum(weight * q * q)
+                better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+                scale = np.where(better, sumqx / sumq2, scale)
+                best = np.where(better, scale * sumqx, best)
+                L = np.where(better[:, None], laux, L)
+                is_on = np.where(better[:, None], on, is_on)
+            redo = (~is_on).any(1) & (scale > 0)
+            if redo.any():
+                inv = F32(1) / scale
+                lnew = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 7).astype(np.int64)
+                want = ~is_on & redo[:, None]
+                lnew, _ = self._snap(lnew, xval, waux, scale, want)
+                L = np.where(want.repeat(4, axis=1), lnew, L)
+                q = (2 * L + 1).astype(F32)
+                sumqx = rows_sum(weight * xval * q)
+                sumq2 = rows_sum(weight * q * q)
+                scale = np.where(redo & (sumq2 > 0), sumqx / sumq2, scale).astype(F32)
+        negative = scale < 0
+        scale = np.where(negative, -scale, scale)
+        block_signs = np.where(negative[:, None], ~block_signs & 127, block_signs)
+        empty = mx < F32(1e-8)
+        scale = np.where(empty, F32(0), scale).astype(F32)
+        L[empty] = 0
+        block_signs[empty] = 0
+        per = scale.reshape(-1, 8)
+        max_scale = np.maximum(per.max(axis=1), F32(0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = (max_scale / F32(31)).astype(F32)
+            inv = F32(1) / d
+            ls = np.clip(nearest_int(F32(0.5) * (inv[:, None] * per - F32(1))), 0, 15)
+        zero_block = max_scale == 0
+        ls[zero_block] = 0
+        d = np.where(zero_block, F32(0), d * F32(1.0125)).astype(F32)
+        signs = _iq3_sign_bits(block_signs)                             # [S, 32] bool, parity bit included
+        codes = (L + 8 * signs).reshape(-1, QK_K)
+        codes[zero_block] = 0
+        return {"d": to_fp16(d), "scales": ls.astype(np.uint8), "search_codes": codes.astype(np.uint8)}
+
+    def codes(self, w, params):
+        search = params.get("search_codes")
+        if search is None:
+            raise LowbitError("IQ3_XXS: codes come only from its own search (a group of 4 must lie on the grid)")
+        return np.asarray(search, dtype=np.uint8).reshape(np.shape(w)[0], -1)
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        scale = d * (F32(0.5) + np.asarray(p["scales"]).astype(F32)) * F32(0.5)
+        return scale, _neg_zero(scale)
+
+    def _encode(self, p, codes):
+        _, kmap, _ = self.tables
+        L = (codes & 7).astype(np.int64).reshape(-1, 8, 8, 4)           # [B, sub, group of 4, 4]
+        grid = kmap[(L << (3 * np.arange(4))).sum(-1)]                  # [B, 8, 8]
+        neg = (codes >> 3).astype(np.int64).reshape(-1, 8, 4, 8)
+        if (grid < 0).any() or (neg.sum(-1) % 2).any():
+            raise LowbitError("IQ3_XXS: codes off the grid or with an odd count of negatives in a group of 8")
+        bits7 = ((neg[..., :7] << np.arange(7)).sum(-1) << (7 * np.arange(4))).sum(-1)  # [B, 8]
+        word = (bits7 | (np.asarray(p["scales"]).astype(np.int64) << 28)).astype("<u4")
+        return {"d": fp16_bytes(p["d"]), "qs": grid.reshape(-1, 64).astype(np.uint8),
+                "signs": np.ascontiguousarray(word).view(np.uint8).reshape(-1, 32)}
+
+    def _decode(self, f):
+        levels, _, _ = self.tables
+        L = levels[f["qs"].astype(np.int64)].reshape(-1, 8, 32)        # [B, 8, 32]
+        word = np.ascontiguousarray(f["signs"]).view("<u4").reshape(-1, 8).astype(np.int64)
+        neg = _iq3_sign_bits((word[..., None] >> (7 * np.arange(4))) & 127)
+        codes = (L + 8 * neg.reshape(-1, 8, 32)).reshape(-1, QK_K)
+        return {"d": fp16_from_bytes(f["d"]), "scales": (word >> 28).astype(np.uint8)}, codes
+
+
+def _iq3_sign_bits(seven: np.ndarray) -> np.ndarray:
+    """ksigns_iq2xs: 7 stored sign bits [..., 4] -> the 8 signs of each group [..., 32] (the 8th bit evens the count)."""
+    seven = np.asarray(seven).astype(np.int64)
+    parity = np.zeros_like(seven)
+    for i in range(7):
+        parity ^= (seven >> i) & 1
+    full = seven | (parity << 7)
+    return (((full[..., None] >> np.arange(8)) & 1) == 1).reshape(*seven.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------- i-quants: IQ2_XXS, IQ2_XS
+
+
+def _iq2_tables(kgrid: np.ndarray):
+    """From an IQ2 grid (IQ2XXS_KGRID or IQ2XS_KGRID): (levels L [G, 8], map u -> grid index [1 << 16],
+    neighbour lists).
+
+    u packs eight 2-bit levels (level i at bits 2i); the search only forms u with levels 0..2. For such a u
+    off the grid, ggml's iq2xs_init_impl lists the grid points of the two smallest squared distances (in
+    units of 2L+1), ordered by (distance, index). The map holds the grid index of a u on the grid and
+    -(offset + 1) of its list otherwise, the list being [count, index...] at `offset` of the flat uint16
+    array, as ggml keeps them; (start, count) of each u's indices are returned as well for numpy."""
+    levels = (kgrid[:, None].astype(np.int64) >> (2 * np.arange(8))) & 3
+    size = len(kgrid)
+    kmap = np.full(1 << 16, -1, np.int64)
+    kmap[kgrid.astype(np.int64)] = np.arange(size)
+    u = (np.arange(3 ** 8)[:, None] // 3 ** np.arange(8)) % 3                   # every u with levels 0..2
+    code = (u << (2 * np.arange(8))).sum(-1)
+    off = kmap[code] < 0
+    u, code = u[off], code[off]
+    d2 = 4 * ((u * u).sum(1)[:, None] + (levels * levels).sum(1)[None] - 2 * u @ levels.T)  # [U, G], exact ints
+    first = d2.min(1, keepdims=True)
+    second = np.where(d2 > first, d2, d2.max() + 1).min(1, keepdims=True)       # the second distinct distance
+    row, col = np.nonzero(d2 <= second)
+    pick = np.lexsort((col, d2[row, col], row))                                 # per u: by distance, then index
+    count = np.bincount(row, minlength=len(code))
+    flat = np.empty(int(count.sum() + len(code)), np.uint16)
+    offset = np.cumsum(count + 1) - (count + 1)
+    flat[offset] = count
+    pos = np.repeat(offset + 1 - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
+    flat[pos] = col[pick]
+    kmap[code] = -(offset + 1)
+    start = np.zeros(1 << 16, np.int64)
+    start[code] = offset + 1
+    counts = np.zeros(1 << 16, np.int64)
+    counts[code] = count
+    return levels, kmap, flat, start, counts
+
+
+class _IQ2(BlockType):
+    """IQ2_XXS and IQ2_XS: 256-element super-blocks with an fp16 d, sub-blocks of `sub` weights with a 4-bit
+    scale ls, and groups of 8 weights, each one of the grid's points (eight magnitudes 2L+1, L in 0..2) with 7
+    sign bits (the 8th makes the count of negatives even). A weight dequantizes to
+    d * (0.5 + ls) * 0.25 * byte[L] * sign, byte = IQ2_BYTES (8, 25, 43).
+
+    Codes: L + 3 for a negative weight, L for a positive one; `levels` holds +-IQ2_BYTES. Only codes that
+    llama.cpp's search can produce pack (groups of 8 on the grid, an even count of negatives).
+
+    The search is quantize_row_iq2_xxs_impl's / quantize_row_iq2_xs_impl's, which need an importance
+    (llama.cpp refuses IQ2 without an imatrix; so does lowbit): weights qw * sqrt(mean x^2 + x^2), signs
+    folded so each group of 8 has an even count of negatives (the least important weight flips), trial
+    scales around a start, every group off the grid moved to the weighted-nearest of its precomputed
+    neighbours, a last least-squares pass at the best scale, then the sub-block scales quantized against
+    d = max / 31. The compiled port (lb_search_iq2 in ggml_search.c) runs the trials when available, about
+    0.5 us of CPU per weight, like llama.cpp's own; the numpy reference otherwise (the same bytes, 4-9 us).
+
+    GGUF file types IQ2_XXS / IQ2_XS (lowbit.quant.gguf_mix) and --tensor-type targets; GPTQ cannot target them
+    (a group of 8 must stay on the grid), so calibrated methods give these tensors llama.cpp's search.
+    """
+
+    block = QK_K
+    qmin, qmax, zero = 0, 5, 0
+    kgrid_name = ""
+    ntrial = 0           # trial scales -ntrial..ntrial
+    needs_importance = search_only = True
+    redo_all = False     # the last pass redoes every group (IQ2_XXS), or only those off the grid (IQ2_XS)
+
+    def __init__(self):
+        from lowbit.quant.ggml_iq_grids import IQ2_BYTES
+
+        b = IQ2_BYTES.astype(F32)
+        self.levels = np.concatenate([b, -b]).astype(F32)
+        self._tables = None
+
+    @property
+    def tables(self):
+        if self._tables is None:
+            from lowbit.quant import ggml_iq_grids
+
+            self._tables = _iq2_tables(getattr(ggml_iq_grids, self.kgrid_name))
+            self._points = (2 * self._tables[0] + 1).astype(F32)
+            self._kmap32 = self._tables[1].astype(np.int32)
+        return self._tables
+
+    # -- the search
+
+    def _start(self, xval, weight, mx):
+        """(base, start scale) per lane: the trials try scales base / (5 + 0.1 is); base <= 0 skips a lane."""
+        raise NotImplementedError
+
+    def _best_neighbour(self, u, xval, waux, scale):
+        """iq2_find_best_neighbour for groups [P] of 8: the grid index of the weighted-nearest neighbour.
+        Every (group, neighbour) pair is scored at once; within a group the first of the smallest scores wins,
+        as ggml's strict `d2 < best_d2` keeps the first."""
+        _, _, flat, start, counts = self.tables
+        count = counts[u]
+        first = np.cumsum(count) - count
+        group = np.repeat(np.arange(len(u)), count)
+        cand = flat[np.repeat(start[u] - first, count) + np.arange(int(count.sum()))].astype(np.int64)
+        q = self._points[cand]                                          # [P, 8] float32 2L+1, group by group
+        d2 = np.zeros(len(cand), F32)
+        sc, xs, ws = scale[group], xval[group], waux[group]
+        for i in range(8):
+            diff = sc * q[:, i] - xs[:, i]
+            d2 += ws[:, i] * diff * diff
+        mins = np.minimum.reduceat(d2, first)
+        pos = np.where(d2 == mins[group], np.arange(len(cand)), len(cand))
+        return cand[np.minimum.reduceat(pos, first)]
+
+    def _snap(self, inv, xval, waux, scale, want):
+        """Levels of every group of 8 at 1/inv: the grid index [S, g] (where `want`; -1 elsewhere) and whether
+        the rounded point was on the grid [S, g]."""
+        _, kmap, _, _, _ = self.tables
+        S, n = xval.shape
+        L = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 2).astype(np.int64)
+        u = (L.reshape(S, -1, 8) << (2 * np.arange(8))).sum(-1)
+        index = kmap[u]
+        on = index >= 0
+        off = want & ~on
+        if off.any():
+            at = np.nonzero(off)
+            index[at] = self._best_neighbour(u[at], xval.reshape(S, -1, 8)[at], waux.reshape(S, -1, 8)[at],
+                                             scale[at[0]])
+        return np.where(want, index, -1), on
+
+    def _sums(self, weight, xval, index):
+        q = self._points[index].reshape(weight.shape)
+        return rows_sum(weight * xval * q), rows_sum(weight * q * q)
+
+    def _search_numpy(self, xval, weight, base, scale):
+        """The trials and the last pass over lanes [S, sub] (base > 0): (scale [S], grid index [S, g])."""
+        S, n = xval.shape
+        g = n // 8
+        everywhere = np.ones((S, g), bool)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            waux = np.sqrt(weight)
+            best = np.zeros(S, F32)
+            index = np.zeros((S, g), np.int64)
+            on_grid = np.ones((S, g), bool)
+            for step in range(-self.ntrial, self.ntrial + 1):
+                inv = (F32(5) + F32(step) * F32(0.1)) / base
+                aux, on = self._snap(inv, xval, waux, F32(1) / inv, everywhere)
+                sumqx, sumq2 = self._sums(weight, xval, aux)
+                better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+                scale = np.where(better, sumqx / sumq2, scale)
+                best = np.where(better, scale * sumqx, best)
+                index = np.where(better[:, None], aux, index)
+                on_grid = np.where(better[:, None], on, on_grid)
+            want = everywhere if self.redo_all else ~on_grid
+            redo = want.any(1) & (scale > 0)
+            if redo.any():
+                want = want & redo[:, None]
+                fresh, _ = self._snap(F32(1) / scale, xval, waux, scale, want)
+                index = np.where(want, fresh, index)
+                sumqx, sumq2 = self._sums(weight, xval, index)
+                scale = np.where(redo & (sumq2 > 0), sumqx / sumq2, scale).astype(F32)
+        return scale.astype(F32), index
+
+    def _fit(self, x, qw):
+        if qw is None:
+            raise LowbitError(f"{self.name} needs an importance matrix, as in llama.cpp: pass --imatrix FILE "
+                              "(lowbit imatrix writes one)")
+        self.tables
+        flat = x.reshape(-1, QK_K)
+        xb = flat.reshape(-1, self.sub)                                 # sub-blocks [S, sub]
+        S, g = xb.shape[0], self.sub // 8
+        per = QK_K // self.sub
+        sigma2 = (rows_sum(flat * flat) / F32(QK_K)).repeat(per)[:, None]
+        with np.errstate(invalid="ignore", over="ignore"):
+            weight = (qw.reshape(-1, self.sub) * np.sqrt(sigma2 + xb * xb)).astype(F32)
+        neg = ~(xb >= 0)
+        xval = np.where(neg, -xb, xb)
+        ng = neg.reshape(S, g, 8)
+        odd = (ng.sum(-1) % 2) == 1                                     # [S, g]
+        imin = np.argmin((weight * xb * xb).reshape(S, g, 8), axis=-1)
+        flip = odd[..., None] & (np.arange(8) == imin[..., None])       # [S, g, 8]
+        xval = np.where(flip.reshape(S, -1), -xval, xval).astype(F32)
+        sign = ng ^ flip
+        block_signs = (sign.astype(np.int64) << np.arange(8)).sum(-1) & 127   # [S, g]
+        mx = xval.max(axis=1)
+        base, scale = self._start(xval, weight, mx)
+        live = (mx >= GROUP_MAX_EPS) & (base > 0)
+        scale = np.where(live, scale, F32(0)).astype(F32)
+        index = np.zeros((S, g), np.int64)
+        if live.any():
+            at = np.nonzero(live)[0]
+            nat = _native()
+            if nat:
+                sc, ix = nat.search_iq2(xval[at], weight[at], base[at], scale[at], self.ntrial, self.redo_all,
+                                        self._points, self._kmap32, self._tables[2])
+            else:
+                sc, ix = self._search_numpy(xval[at], weight[at], base[at], scale[at])
+            scale[at], index[at] = sc, ix
+        negative = scale < 0
+        scale = np.where(negative, -scale, scale)
+        block_signs = np.where(negative[:, None], ~block_signs & 127, block_signs)
+        block_signs[~live] = 0
+        per_block = scale.reshape(-1, per)
+        max_scale = np.maximum(per_block.max(axis=1), F32(0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = (max_scale / F32(31)).astype(F32)
+            inv = F32(1) / d
+            ls = np.clip(nearest_int(F32(0.5) * (inv[:, None] * per_block - F32(1))), 0, 15)
+        zero_block = max_scale == 0
+        ls[zero_block] = 0
+        d = np.where(zero_block, F32(0), d).astype(F32)
+        L = self.tables[0][index].reshape(S, -1)                         # [S, sub]
+        signs = _iq3_sign_bits(block_signs)                             # [S, sub] bool, parity bit included
+        codes = (L + 3 * signs).reshape(-1, QK_K)
+        codes[zero_block] = 0
+        return {"d": to_fp16(d), "scales": ls.astype(np.uint8), "search_codes": codes.astype(np.uint8)}
+
+    def codes(self, w, params):
+        search = params.get("search_codes")
+        if search is None:
+            raise LowbitError(f"{self.name}: codes come only from its own search (a group of 8 must lie on the grid)")
+        return np.asarray(search, dtype=np.uint8).reshape(np.shape(w)[0], -1)
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        scale = d * (F32(0.5) + np.asarray(p["scales"]).astype(F32)) * F32(0.25)
+        return scale, _neg_zero(scale)
+
+    def _grid_and_signs(self, codes):
+        """codes [B, 256] -> (grid index [B, 32], 7 sign bits [B, 32]) of the 32 groups of 8."""
+        _, kmap, _, _, _ = self.tables
+        L = (codes % 3).astype(np.int64).reshape(-1, 32, 8)
+        neg = (codes >= 3).astype(np.int64).reshape(-1, 32, 8)
+        grid = kmap[(L << (2 * np.arange(8))).sum(-1)]
+        if (grid < 0).any() or (neg.sum(-1) % 2).any():
+            raise LowbitError(f"{self.name}: codes off the grid or with an odd count of negatives in a group of 8")
+        return grid, (neg[..., :7] << np.arange(7)).sum(-1)
+
+    def _codes_from(self, grid, seven):
+        """Inverse of _grid_and_signs: (grid index [B, 32], 7 sign bits [B, 32]) -> codes [B, 256]."""
+        levels = self.tables[0]
+        L = levels[np.asarray(grid).astype(np.int64)]                  # [B, 32, 8]
+        neg = _iq3_sign_bits(np.asarray(seven))                         # [B, 256]
+        return (L.reshape(-1, QK_K) + 3 * neg).astype(np.uint8)
+
+
+class IQ2_XXS(_IQ2):
+    """2.06 bpw: per sub-block of 32, two uint32 words: four grid bytes (256-point grid), then four 7-bit sign
+    groups (bits 7k) and the 4-bit scale (bits 28..31). Trials start from make_qp_quants' scale over 0..4."""
+
+    name, ggml_type = "IQ2_XXS", gguf.GGMLQuantizationType.IQ2_XXS
+    sub = 32
+    layout = (("d", 2), ("qs", 64))
+    kgrid_name, ntrial, redo_all = "IQ2XXS_KGRID", 6, True
+
+    def _start(self, xval, weight, mx):
+        scale, _ = rows_positive(xval, 4, weight)
+        return (scale * F32(3)).astype(F32), scale.astype(F32)
+
+    def _encode(self, p, codes):
+        grid, seven = self._grid_and_signs(codes)                      # [B, 32] each, 4 groups per sub-block
+        grid = grid.reshape(-1, 8, 4)
+        word0 = (grid << (8 * np.arange(4))).sum(-1)
+        word1 = (seven.reshape(-1, 8, 4) << (7 * np.arange(4))).sum(-1) | (
+            np.asarray(p["scales"]).astype(np.int64).reshape(-1, 8) << 28)
+        words = np.stack([word0, word1], axis=-1).astype("<u4")        # [B, 8, 2]
+        return {"d": fp16_bytes(p["d"]), "qs": np.ascontiguousarray(words).view(np.uint8).reshape(-1, 64)}
+
+    def _decode(self, f):
+        words = np.ascontiguousarray(f["qs"]).view("<u4").reshape(-1, 8, 2).astype(np.int64)
+        grid = (words[..., 0:1] >> (8 * np.arange(4))) & 255           # [B, 8, 4]
+        seven = (words[..., 1:2] >> (7 * np.arange(4))) & 127
+        codes = self._codes_from(grid.reshape(-1, 32), seven.reshape(-1, 32))
+        return {"d": fp16_from_bytes(f["d"]), "scales": (words[..., 1] >> 28).astype(np.uint8)}, codes
+
+
+class IQ2_XS(_IQ2):
+    """2.31 bpw: per group of 8 a uint16, grid index (512-point grid) | 7 sign bits << 9; per sub-block of 16
+    a 4-bit scale, two to a byte (low nibble first) after the 32 uint16. Trials start from max / 5."""
+
+    name, ggml_type = "IQ2_XS", gguf.GGMLQuantizationType.IQ2_XS
+    sub = 16
+    layout = (("d", 2), ("qs", 64), ("scales", 8))
+    kgrid_name, ntrial, redo_all = "IQ2XS_KGRID", 9, False
+
+    def _start(self, xval, weight, mx):
+        return mx.astype(F32), (mx / F32(5)).astype(F32)
+
+    def _encode(self, p, codes):
+        grid, seven = self._grid_and_signs(codes)
+        words = (grid | (seven << 9)).astype("<u2")
+        ls = np.asarray(p["scales"]).astype(np.uint8).reshape(-1, 8, 2)
+        return {"d": fp16_bytes(p["d"]), "qs": np.ascontiguousarray(words).view(np.uint8).reshape(-1, 64),
+                "scales": (ls[..., 0] | (ls[..., 1] << 4)).astype(np.uint8)}
+
+    def _decode(self, f):
+        words = np.ascontiguousarray(f["qs"]).view("<u2").reshape(-1, 32).astype(np.int64)
+        codes = self._codes_from(words & 511, words >> 9)
+        sc = f["scales"].astype(np.uint8)
+        ls = np.stack([sc & 15, sc >> 4], axis=-1).reshape(-1, 16)
+        return {"d": fp16_from_bytes(f["d"]), "scales": ls.astype(np.uint8)}, codes
+
+
 TYPES: dict[str, BlockType] = {t.name: t for t in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(),
-                                                   Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K())}
+                                                   Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K(), IQ4_NL(), IQ4_XS(),
+                                                   IQ2_XXS(), IQ2_XS())}
 
 
 def block_type(name: str) -> BlockType:

@@ -11,7 +11,13 @@ and the two can be compared file for file. `--tensor-type REGEX=TYPE`
 overrides the mix for matching tensors, as llama-quantize's option does.
 
 The rules below are re-stated from llama.cpp's `llama_tensor_get_type` for the
-dense (non-MoE, non-Falcon, non-IQ) Llama family this project handles.
+dense (non-MoE, non-Falcon) Llama family this project handles, for the legacy,
+K-quant, IQ4_NL / IQ4_XS and IQ2_XXS / IQ2_XS file types (IQ4_XS's and IQ2's
+256-element super-blocks fall back to IQ4_NL's 32-element blocks). The IQ2 mixes
+keep the head / tied embedding at Q5_K (Q8_0 when its width is not a multiple
+of 256), an untied token_embd at Q2_K, attn_v at Q4_K (n_gqa >= 4) or Q2_K, and
+the first n_layer/8 ffn_down at Q2_K; llama.cpp, and lowbit, refuse them
+without an imatrix (`IMATRIX_TYPES`).
 """
 
 from __future__ import annotations
@@ -27,11 +33,17 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q8_0": ("Q8_0", 7), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
     "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11), "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13),
     "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
-    "Q6_K": ("Q6_K", 18),
+    "Q6_K": ("Q6_K", 18), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20), "IQ4_NL": ("IQ4_NL", 25),
+    "IQ4_XS": ("IQ4_XS", 30),
 }
-BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+               "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS")
+# Block types llama.cpp will not write without an importance (tensor_requires_imatrix, for these file types).
+IMATRIX_TYPES = ("IQ2_XXS", "IQ2_XS")
+IQ2_FILE_TYPES = ("IQ2_XXS", "IQ2_XS")
 # What llama.cpp falls back to when a row is not a multiple of the type's block.
-SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+                  "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,19 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
     if cat == "output" or (st.tied and cat == "token_embd"):
         if info.n_cols % _block_size(qtype) != 0:
             return "Q8_0"
+        if ftype in IQ2_FILE_TYPES:
+            return "Q5_K"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
+        return "Q2_K" if ftype in IQ2_FILE_TYPES else qtype
+    if ftype in IQ2_FILE_TYPES:  # llama.cpp's own branch for its lowest-bit types: no other rule applies
+        if cat == "attn_v":
+            st.i_attn_v += 1
+            return "Q4_K" if n_gqa >= 4 else "Q2_K"
+        if cat == "ffn_down":
+            i, n = st.i_ffn_down, st.n_layer
+            st.i_ffn_down += 1
+            return "Q2_K" if i < n // 8 else qtype
         return qtype
     if cat == "attn_v":
         i = st.i_attn_v
@@ -123,6 +146,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
         if ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(i, st.n_attn_v):
             return "Q6_K"
         if ftype == "Q4_K_S" and i < 4:
+            return "Q5_K"
+        if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
             return "Q5_K"
         return qtype
     if cat == "ffn_down":
@@ -142,6 +167,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q5_K"
         if ftype in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
             return "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and i < n // 8:
+            return "Q5_K"
         return qtype
     if cat == "attn_output":
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, qtype)

@@ -14,6 +14,15 @@ lands on its block grid:
         tensors will really use and folded into the norms / producers, then
         llama.cpp's search on the smoothed weights with the smoothed imatrix.
   awq-gptq  AWQ's smoothing, then GPTQ on the smoothed weights and inputs.
+  autoround llama.cpp's block fits, and AutoRound's learned rounding on the block's output error against
+        the float model's (lowbit.quant.autoround_blocks; i-quant tensors keep llama.cpp's search).
+
+IQ2_XXS / IQ2_XS (their tensors of those types, in any mix) need --imatrix, as in llama.cpp: refused
+before any work without one (require_imatrix). Their codes are points of a grid of 8 weights at a
+time, which GPTQ's one-column-at-a-time rounding cannot target: under gptq / awq-gptq / autoround those
+tensors get llama.cpp's imatrix-weighted search (on AWQ's smoothed weights and statistics after
+awq-gptq), on inputs that went through the already quantized layers, while GPTQ handles the
+K-quant / IQ4 tensors of the same mix.
 
 The run is sequential and resumable like lowbit's own checkpoints: each
 finished layer's rows go to `.OUT.partial/`, and the GGUF is written
@@ -36,14 +45,16 @@ from lowbit import __version__
 from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
-from lowbit.formats.atomic import check_writable_target
+from lowbit.formats.atomic import atomic_file, check_writable_target, remove_stale_temps
 from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, model_vocab, tensor_plan, write_gguf
-from lowbit.formats.imatrix import Imatrix
+from lowbit.formats.imatrix import Imatrix, check_imatrix
 from lowbit.model.arch import LINEARS, layer_name
 from lowbit.model.hf import ModelFolder, ModelSpec
-from lowbit.quant import awq
+from lowbit.quant import autoround, awq
+from lowbit.quant.autoround_blocks import BlockGridParams, supports
 from lowbit.quant.ggml_blocks import block_type
-from lowbit.quant.gguf_mix import FILE_TYPES, TensorInfo, choose_types, parse_file_type, parse_overrides
+from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, parse_file_type,
+                                   parse_overrides)
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
@@ -53,7 +64,7 @@ from lowbit.quant import workers
 from lowbit.quant.workers import run_jobs
 from lowbit.runtime import Placement, placement
 
-GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq")
+GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")
 FLOAT_TYPES = ("F32", "F16")
 AWQ_NORM_GRID = GridConfig(4, 32)  # only used to normalise |w| per 32-column block in AWQ's duo scaling
 
@@ -67,6 +78,8 @@ class GGUFConfig:
     act_order: bool = True  # GPTQ only; block fits are static then, so the file needs no g_idx
     damp_percent: float = 0.01
     tensor_types: tuple[str, ...] = ()
+    iters: int = 50  # autoround only: sign-gradient steps per block
+    seed: int = 0  # autoround only: its mini-batch draws
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "file_type", parse_file_type(self.file_type))
@@ -87,11 +100,18 @@ class GGUFConfig:
 
     @property
     def name(self) -> str:
+        if self.method == "autoround":
+            return f"autoround-i{self.iters}:{self.file_type}"
         return f"{self.method}{'' if self.act_order or not self.uses_gptq else '-noact'}:{self.file_type}"
 
     def to_dict(self) -> dict:
+        extra = {"iters": self.iters, "seed": self.seed} if self.method == "autoround" else {}
         return {"file_type": self.file_type, "method": self.method, "act_order": self.act_order,
-                "damp_percent": self.damp_percent, "tensor_types": list(self.tensor_types)}
+                "damp_percent": self.damp_percent, "tensor_types": list(self.tensor_types), **extra}
+
+    @property
+    def autoround(self) -> autoround.AutoRoundConfig:
+        return autoround.AutoRoundConfig(self.iters, seed=self.seed)
 
 
 @dataclass
@@ -140,6 +160,40 @@ def plan_types_for(spec: ModelSpec, shape_of: Callable[[str], tuple[int, ...]], 
     return {n: by_gguf[hf_name_to_gguf(n)] for n in gguf_tensor_order(spec)}
 
 
+def require_imatrix(types: dict[str, str], imatrix: Imatrix | None, file_type: str, decoder: set[str]) -> None:
+    """Refuse, in one line, a plan with IQ2 tensors and no importance for them (llama.cpp's
+    tensor_requires_imatrix / "Missing importance matrix"): no --imatrix at all, an imatrix without
+    this tensor, or a tensor outside the decoder layers (token_embd / output get no imatrix)."""
+    need = [n for n, t in types.items() if t in IMATRIX_TYPES]
+    if not need:
+        return
+    if imatrix is None:
+        kinds = "/".join(sorted({types[n] for n in need}))
+        raise LowbitError(f"--type {file_type}: {len(need)} tensors are {kinds}, which llama.cpp (and lowbit) quantize "
+                          "only with an importance matrix; pass --imatrix FILE (`lowbit imatrix MODEL -o F` "
+                          "writes one)")
+    outside = [n for n in need if n not in decoder]
+    if outside:
+        raise LowbitError(f"{outside[0]} as {types[outside[0]]} needs an importance matrix, and lowbit uses none "
+                          "outside the decoder layers (nor does llama.cpp's imatrix); pick another --tensor-type")
+    missing = [n for n in need if n not in imatrix]
+    if missing:
+        raise LowbitError(f"--imatrix has no entry for {missing[0]} ({types[missing[0]]}, and "
+                          f"{len(missing) - 1} more): llama.cpp refuses such a tensor too; compute the imatrix "
+                          "on this model with every layer")
+
+
+def check_plan(folder: ModelFolder, gcfg: GGUFConfig, imatrix: Imatrix | None) -> dict[str, str]:
+    """The plan (HF name -> ggml type), after the checks that need no work: the imatrix fits the model,
+    and the IQ2 tensors have one."""
+    if imatrix is not None:
+        check_imatrix(imatrix, folder)
+    types = plan_types(folder, gcfg, imatrix is not None)
+    decoder = {layer_name(folder.arch, i, t) for i in range(folder.spec.num_layers) for t in folder.arch.layer_tensors()}
+    require_imatrix(types, imatrix, gcfg.file_type, decoder)
+    return types
+
+
 def _run_key(model_dir: Path, gcfg: GGUFConfig, calib: CalibSet | None, imatrix: Imatrix | None) -> str:
     h = hashlib.sha256(json.dumps({**gcfg.to_dict(), "lowbit": __version__, "format": "gguf"},
                                   sort_keys=True).encode())
@@ -183,11 +237,15 @@ def _stats_importance(stats: LayerStats, short: str) -> np.ndarray:
 
 def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg: GGUFConfig, spec: ModelSpec,
                         rope, names: dict[str, str], types: dict[str, str], imatrix: Imatrix | None,
-                        where: Placement = Placement()) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+                        where: Placement = Placement(), target: torch.Tensor | None = None
+                        ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """Quantize one decoder layer's linears onto their block types; `w` may be rewritten (AWQ).
 
-    Returns (raw rows of each quantized linear, dequantized weight of every linear).
+    Returns (raw rows of each quantized linear, dequantized weight of every linear). `target`: the float
+    model's outputs of this layer (AutoRound's loss target).
     """
+    if gcfg.method == "autoround":
+        return _autoround_layer(w, x, gcfg, spec, rope, names, types, imatrix, where, target)
     stats = None
     if gcfg.method != "rtn":
         assert x is not None
@@ -205,7 +263,7 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
             qtype = types[names[m]]
             # a given imatrix describes the unsmoothed inputs: after AWQ use the smoothed statistics
             imps[m] = _stats_importance(stats, m) if gcfg.smooths else _importance(imatrix, names[m])
-            if gcfg.uses_gptq and qtype not in FLOAT_TYPES:
+            if gcfg.uses_gptq and qtype not in FLOAT_TYPES and not block_type(qtype).search_only:
                 key = (qtype, None if imps[m] is None else np.ascontiguousarray(imps[m], np.float32).tobytes())
                 gptq_sets.setdefault(key, []).append(m)
                 continue
@@ -236,6 +294,38 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
         if d is not None:
             deq[m] = _as_tensor(d, w[m].device)
     return raws, deq
+
+
+def _autoround_layer(w: dict[str, torch.Tensor], x: torch.Tensor, gcfg: GGUFConfig, spec: ModelSpec, rope,
+                     names: dict[str, str], types: dict[str, str], imatrix: Imatrix | None, where: Placement,
+                     target: torch.Tensor | None) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """llama.cpp's block fits (imatrix-weighted, by the calibration's mean x^2 without an imatrix), then
+    the rounding learned on the whole block at once; float and i-quant tensors are fixed first."""
+    assert x is not None
+    stats = gather_stats(x, w, spec, rope, LayerStats(dtype=where.stats_dtype), where)
+    learned: dict[str, BlockGridParams] = {}
+    raws: dict[str, np.ndarray] = {}
+    deq: dict[str, torch.Tensor] = {}
+    for short, _ in LINEARS:
+        qtype = types[names[short]]
+        imp = _importance(imatrix, names[short])
+        imp = _stats_importance(stats, short) if imp is None else imp
+        if qtype not in FLOAT_TYPES and supports(block_type(qtype)):
+            bt = block_type(qtype)
+            with torch.inference_mode(False):  # learnables need autograd; the pipeline runs in inference mode
+                learned[short] = BlockGridParams(w[short].cpu(), bt, bt.fit(w[short].float().cpu().numpy(), imp))
+            continue
+        raw, deq[short] = rtn_tensor(w[short].cpu(), qtype, None if qtype in FLOAT_TYPES else imp)
+        if raw is not None:
+            raws[short] = raw
+    fixed = {**{k: v.cpu() for k, v in w.items()}, **deq}
+    rope = type(rope)(rope.cos.cpu(), rope.sin.cpu())  # the block searches' numpy side lives on the CPU
+    autoround.learn_block(fixed, x.cpu(), spec, rope, learned, gcfg.autoround,
+                          None if target is None else target.cpu())
+    for short, p in learned.items():
+        raws[short] = p.raw()
+        deq[short] = torch.from_numpy(p.btype.dequantize(raws[short], w[short].shape[1]))
+    return raws, {k: v.to(w[k].device) for k, v in deq.items()}
 
 
 RTN_JOB_ELEMENTS = 1 << 20  # weights per worker job: rows are independent, so tensors split evenly
@@ -307,7 +397,9 @@ def _gptq_cfg(gcfg: GGUFConfig) -> GPTQConfig:
 PROXY_GRID = {"Q8_0": GridConfig(8, 32), "Q4_0": GridConfig(4, 32), "Q5_0": GridConfig(5, 32),
               "Q4_1": GridConfig(4, 32, False), "Q5_1": GridConfig(5, 32, False), "Q2_K": GridConfig(2, 32, False),
               "Q3_K": GridConfig(3, 32), "Q4_K": GridConfig(4, 32, False), "Q5_K": GridConfig(5, 32, False),
-              "Q6_K": GridConfig(6, 32)}
+              "Q6_K": GridConfig(6, 32), "IQ4_NL": GridConfig(4, 32), "IQ4_XS": GridConfig(4, 32),
+              # IQ2: ~2 bits, sign and magnitude per weight; Q2_K's stand-in (the final rounding is llama.cpp's search)
+              "IQ2_XXS": GridConfig(2, 32, False), "IQ2_XS": GridConfig(2, 32, False)}
 
 
 def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -335,6 +427,7 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     """
     folder = ModelFolder(model_dir)
     check_writable_target(out, overwrite)
+    types = check_plan(folder, gcfg, imatrix)
     where = placement(device, offload_activations)
     if where.on_cpu:
         workers.prestart()  # fork the block-search workers while nothing large is in memory
@@ -342,20 +435,25 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
         raise LowbitError(f"--method {gcfg.method} needs calibration text; pass --calib-text FILE")
     spec = folder.spec
     t0 = time.perf_counter()
-    types = plan_types(folder, gcfg, imatrix is not None)
     vocab = vocab or model_vocab(Path(model_dir), folder.config)  # an unmappable tokenizer fails before any work
     state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
 
-    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
-        raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix, where)
+    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str],
+             target: torch.Tensor | None = None):
+        raws, deq = quantize_gguf_layer(w, x, gcfg, spec, rope, names, types, imatrix, where, target)
         saved = {k: v for k, v in w.items() if k not in raws}
         saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
         return deq, saved
 
-    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer, where)
-    stats = _write(folder, gcfg, out, state, types, vocab)
+    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer, where,
+                   fp_targets=gcfg.method == "autoround")
+    # the Modelfile is written first and renamed right after the GGUF, so a full disk fails before
+    # the GGUF is in place, never after it
+    remove_stale_temps(modelfile_path(out))  # a killed run's; OUT's lock (held by state) covers the pair
+    with atomic_file(modelfile_path(out), lock=False) as tmp:
+        tmp.write_text(_modelfile_text(out, vocab.chat_template))
+        stats = _write(folder, gcfg, out, state, types, vocab)
     state.remove()
-    _write_modelfile(out, vocab.chat_template)
     stats.seconds = time.perf_counter() - t0
     return stats
 
@@ -405,8 +503,12 @@ def _whole_tensor(folder: ModelFolder, name: str, qtype: str):
     return np.concatenate(raws) if len(raws) > 1 else raws[0]
 
 
-def _write_modelfile(out: Path, chat_template: str | None) -> Path:
-    """An Ollama Modelfile beside the GGUF (`ollama create NAME -f X.Modelfile`)."""
+def modelfile_path(out: Path) -> Path:
+    """The Ollama Modelfile written beside GGUF `out` (`ollama create NAME -f X.Modelfile`)."""
+    return out.with_name(out.stem + ".Modelfile")
+
+
+def _modelfile_text(out: Path, chat_template: str | None) -> str:
     lines = [f"FROM ./{out.name}"]
     template = chat_template or ""
     if "<|im_start|>" in template:  # ChatML, as SmolLM2 and Qwen use
@@ -414,8 +516,4 @@ def _write_modelfile(out: Path, chat_template: str | None) -> Path:
                   '{{ .System }}<|im_end|>', '{{ end }}{{ if .Prompt }}<|im_start|>user',
                   '{{ .Prompt }}<|im_end|>', '{{ end }}<|im_start|>assistant', '{{ .Response }}<|im_end|>', '"""',
                   'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"']
-    path = out.with_name(out.stem + ".Modelfile")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-    return path
+    return "\n".join(lines) + "\n"

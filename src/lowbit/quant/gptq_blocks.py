@@ -1,4 +1,4 @@
-"""GPTQ targeting llama.cpp's block grids (Q8_0 ... Q6_K), so the result is a standard GGUF.
+"""GPTQ targeting llama.cpp's block grids (Q8_0 ... Q6_K, IQ4_NL, IQ4_XS), so the result is a standard GGUF.
 
 llama.cpp's quantizer (with or without an importance matrix) rounds every
 weight on its own: the best per-block scales, then nearest codes. GPTQ instead
@@ -6,7 +6,8 @@ quantizes one input column at a time and pushes each column's rounding error
 onto the columns not yet quantized through the inverse Hessian, so the layer's
 *output* error is minimised, not each weight's. Nothing in that needs lowbit's
 own grid: each block type exposes an effective per-sub-block (scale, bias) with
-dequant = scale * (code - zero) + bias, which is all the column loop rounds to.
+dequant = scale * (code - zero) + bias (or scale * level[code] + bias on the
+i-quants' non-linear grid), which is all the column loop rounds to.
 
 How a block's parameters are fitted, in column order:
   * default: when the loop reaches the first column of a block (32 or 256
@@ -119,7 +120,16 @@ def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, btype: Bl
 
 def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, btype: BlockType
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of each row's value under dequant = scale * (code - zero) + bias, and its value."""
+    """Nearest code of each row's value under dequant = scale * value(code) + bias, and its value.
+
+    A linear grid (value = code - zero) rounds directly; a non-linear one (the i-quants' level table) takes
+    the nearest of its levels times the row's scale (a zero scale gives code `zero`, as ggml does)."""
+    if btype.levels is not None:
+        levels = torch.from_numpy(btype.levels).to(w.device)
+        cand = scale.unsqueeze(1) * levels + bias.unsqueeze(1)  # [rows, n_levels]
+        c = (w.unsqueeze(1) - cand).abs().argmin(1)
+        c = torch.where(scale == 0, torch.full_like(c, btype.zero), c)
+        return c.to(torch.uint8), scale * levels[c] + bias
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
     c = torch.round((w - bias) / safe) + btype.zero
     c = torch.where(scale == 0, torch.full_like(c, btype.zero), c).clamp(btype.qmin, btype.qmax)

@@ -17,10 +17,12 @@ two closed-form steps per iteration:
 beta (the penalty weight) grows by kappa each iteration, as in the reference.
 
 What lowbit changes, and why:
-  * **Integer zeros.** The reference keeps a float zero point per group, which
-    no GPTQ, AWQ or compressed-tensors file can hold. lowbit projects the zero
-    onto the integers inside the loop (a projected step), so the solution is
-    exportable to every format lowbit writes, bit for bit.
+  * **Integer zeros by default.** The reference keeps a float zero point per
+    group, which no GPTQ, AWQ or compressed-tensors file can hold. lowbit
+    projects the zero onto the integers inside the loop (a projected step), so
+    the solution is exportable to every format lowbit writes, bit for bit.
+    With `:fzero` (GridConfig.float_zero) the zero stays a float16, as the
+    reference's does, for lowbit checkpoints and MLX folders.
   * **Scale step.** With an integer zero, the zero step alone moves in whole
     codes; a least-squares scale step gives the solver a continuous variable
     back. It is also what makes HQQ do anything on a symmetric grid, whose
@@ -55,6 +57,7 @@ class HQQConfig:
     kappa: float = 1.01
     iters: int = 20
     scale_step: bool = True
+    tol: float = 1e-4  # stop once an iteration lowers the tensor's total l_p error by less than this fraction
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -94,7 +97,7 @@ def solve(g: torch.Tensor, mask: torch.Tensor | None, cfg: GridConfig, hcfg: HQQ
     p = hcfg.lp_norm
     s, z = fit_scale_zero(g, cfg)
     best_s, best_z, best_err = s, z, None
-    beta = hcfg.beta
+    beta, prev_total = hcfg.beta, float("inf")
     for it in range(hcfg.iters + 1):
         q, r = _residual(g, s, z, cfg)
         a = r.abs()
@@ -106,11 +109,14 @@ def solve(g: torch.Tensor, mask: torch.Tensor | None, cfg: GridConfig, hcfg: HQQ
             better = err < best_err
             best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
             best_err = torch.where(better, err, best_err)
-        if it == hcfg.iters:
+        total = float(best_err.sum())
+        if it == hcfg.iters or (it > 0 and prev_total - total <= hcfg.tol * prev_total):
             break
+        prev_total = total
         target = g - torch.sign(r) * torch.relu(a - a_pm1 / beta)  # g - shrink(r)
         if not cfg.symmetric:
-            z = torch.clamp(torch.round(_masked(q - target / s.unsqueeze(-1), mask).sum(-1) / count), 0, cfg.qmax)
+            z = _masked(q - target / s.unsqueeze(-1), mask).sum(-1) / count
+            z = z.half().float() if cfg.float_zero else torch.clamp(torch.round(z), 0, cfg.qmax)
         if hcfg.scale_step or cfg.symmetric:
             s = fp16_nonzero(_least_squares_scale(q - z.unsqueeze(-1), target, mask, s))
         beta *= hcfg.kappa

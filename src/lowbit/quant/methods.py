@@ -40,7 +40,9 @@ class Method:
     activations: bool = False
     smooth: Callable | None = None
     joint: bool = False
-    block: Callable | None = None  # learns a whole block at once (AutoRound): (w, x, spec, rope, qcfg) -> {short: qt}
+    block: Callable | None = None  # learns a whole block at once (AutoRound): (w, x, spec, rope, qcfg, target)
+    fp_targets: bool = False  # block methods: the pipeline also carries the float stream, whose layer outputs
+    #                           are the block's target (auto-round's quantized-input / float-target pairing)
 
 
 def _rtn(weight: torch.Tensor, stats: object, grid: GridConfig, name: str, qcfg: "QuantConfig") -> QuantizedTensor:
@@ -74,9 +76,11 @@ METHODS: dict[str, Method] = {
     "gptq": Method(_gptq, needs_calibration=True, hessian=True, joint=True),
     "awq": Method(_awq, needs_calibration=True, hessian=True, activations=True, smooth=awq.smooth_block),
     "hqq": Method(_hqq),
-    "autoround": Method(_no_linear_path, needs_calibration=True, block=lambda w, x, spec, rope, qcfg:
-                        autoround.quantize_block(w, x, spec, rope, qcfg.grid, qcfg.autoround)),
+    "autoround": Method(_no_linear_path, needs_calibration=True, fp_targets=True,
+                        block=lambda w, x, spec, rope, qcfg, target:
+                        autoround.quantize_block(w, x, spec, rope, qcfg.grid, qcfg.autoround, target)),
 }
+FLOAT_ZERO_METHODS = ("rtn", "hqq")  # the methods whose fit keeps a float zero (GridConfig.float_zero)
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,15 @@ class QuantConfig:
             raise LowbitError(
                 f"--method {self.method!r} is not available; choose one of: {', '.join(sorted(METHODS))}"
             )
+        if self.grid.float_zero and self.method not in FLOAT_ZERO_METHODS:
+            raise LowbitError(f"--float-zero (config flag fzero) applies to --method "
+                              f"{' or '.join(FLOAT_ZERO_METHODS)}, not {self.method}")
 
     @property
     def name(self) -> str:
         g = "ch" if self.grid.group_size == -1 else str(self.grid.group_size)
         flags = "" if self.grid.symmetric else ":asym"
+        flags += ":fzero" if self.grid.float_zero else ""
         flags += ":static" if self.static_groups else ":act" if self.act_order else ""
         flags += f":i{self.iters}" if self.method == "autoround" else ""
         return f"{self.method}:{self.grid.bits}:{g}{flags}"
@@ -119,6 +127,7 @@ class QuantConfig:
             "bits": self.grid.bits,
             "group_size": self.grid.group_size,
             "symmetric": self.grid.symmetric,
+            "float_zero": self.grid.float_zero,
             "quantize_embedding": self.quantize_embedding,
             "quantize_lm_head": self.quantize_lm_head,
             "act_order": self.act_order,
@@ -128,7 +137,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        grid = GridConfig(int(d["bits"]), int(d["group_size"]), bool(d["symmetric"]))
+        grid = GridConfig.from_meta(d)
         return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
                    bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)),
                    int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)))
@@ -154,10 +163,11 @@ def parse_config(text: str) -> QuantConfig:
     if iters and method != "autoround":
         raise LowbitError(f"config {text!r}: iN (iterations) applies to autoround only")
     flags -= set(iters)
-    unknown = flags - {"sym", "asym", "act", "static"}
+    unknown = flags - {"sym", "asym", "act", "static", "fzero"}
     if unknown:
-        raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; use sym, asym, act, static")
+        raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; "
+                          "use sym, asym, act, static, fzero")
     if {"act", "static"} & flags and method != "gptq":
         raise LowbitError(f"config {text!r}: act/static apply to gptq only")
-    return QuantConfig(method, GridConfig(bits, group, "asym" not in flags), act_order="act" in flags,
+    return QuantConfig(method, GridConfig(bits, group, "asym" not in flags, "fzero" in flags), act_order="act" in flags,
                        static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50)

@@ -10,6 +10,10 @@ Every finished layer is saved to a `.OUT.partial/` folder beside the output
 state file, each replaced atomically). A killed run restarts from the last
 finished layer and produces byte-identical output; the partial folder is
 removed when the checkpoint is complete.
+
+A run that fails on a full disk, or is stopped by SIGINT/SIGTERM, keeps the
+partial folder (so the finished layers are not lost) and the CLI prints the
+command that resumes it; delete `.OUT.partial/` to throw the layers away.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from lowbit import __version__
 from lowbit.calib.dataset import CalibSet
 from lowbit.errors import LowbitError
 from lowbit.eval.reference import folder_fingerprint
-from lowbit.formats.atomic import acquire_output_lock, atomic_dir, check_writable_target, release_output_lock
+from lowbit.formats.atomic import (acquire_output_lock, atomic_dir, check_writable_target, disk_full_error,
+                                   is_disk_full, release_output_lock, track_partial, untrack_partial)
 from lowbit.formats.lowbit_ckpt import LowbitWriter
 from lowbit.model.arch import LINEARS, layer_name, layer_tensor_name
 from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weights
@@ -85,11 +90,13 @@ def gather_stats(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, r
 
 def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor | None, qcfg: QuantConfig,
                    spec: ModelSpec, rope, names: dict[str, str],
-                   where: Placement = Placement()) -> dict[str, QuantizedTensor]:
-    """Quantize one decoder layer's linears; `w` is updated in place (AWQ rewrites norms and producers)."""
+                   where: Placement = Placement(), target: torch.Tensor | None = None) -> dict[str, QuantizedTensor]:
+    """Quantize one decoder layer's linears; `w` is updated in place (AWQ rewrites norms and producers).
+    `target`: the float model's outputs of this layer, for methods with fp_targets."""
     if method.block is not None:
         assert x is not None
-        return method.block(w, where.compute(x), spec, rope, qcfg)
+        return method.block(w, where.compute(x), spec, rope, qcfg,
+                            None if target is None else where.compute(target))
     stats = None
     if method.needs_calibration:
         assert x is not None
@@ -135,10 +142,14 @@ def propagate(x: torch.Tensor, w: dict[str, torch.Tensor], deq: dict[str, torch.
 class PartialRun:
     """The `.OUT.partial` folder: per-layer results, the latest activations and a state file.
 
-    It holds OUT's output lock (lowbit.formats.atomic) from creation until remove(), or until it is
-    garbage collected after a failure, so a second process writing the same OUT is refused."""
+    It holds OUT's output lock (lowbit.formats.atomic) from creation until remove(), or after a failure
+    until the CLI command ends (release_partials) or the object is collected, so a second process
+    writing the same OUT is refused.
+    A save that fails on a full disk leaves the folder as it was after the last finished layer
+    (every file is replaced atomically and the half-written temporary is removed), so it resumes."""
 
     def __init__(self, out: Path, key: str):
+        self.out = Path(out)
         self.dir = out.parent / f".{out.name}.partial"
         self.key = key
         self.done = 0
@@ -151,14 +162,26 @@ class PartialRun:
             else:
                 shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        track_partial(self.dir, self._lock)
 
     def layer_file(self, i: int) -> Path:
         return self.dir / f"layer-{i:05d}.safetensors"
 
     def _replace_save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        self._replace(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+
+    def _replace(self, path: Path, write: Callable[[Path], None]) -> None:
+        """write(tmp) then rename it to `path`; on a full disk remove tmp and raise a one-line DiskFull."""
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, path)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            full = disk_full_error(self.out, f"saving its resumable state in {self.dir}") if is_disk_full(exc) else None
+            tmp.unlink(missing_ok=True)
+            if full is not None:
+                raise full from None
+            raise
 
     @staticmethod
     def flatten(qts: dict[str, QuantizedTensor], w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,19 +193,20 @@ class PartialRun:
                 tensors[f"{short}.g_idx"] = qt.g_idx
         return tensors
 
-    def save_tensors(self, i: int, tensors: dict[str, torch.Tensor], x: torch.Tensor | None) -> None:
-        """Layer i's results, then the next layer's inputs, then the state: each replaced atomically."""
+    def save_tensors(self, i: int, tensors: dict[str, torch.Tensor], x: torch.Tensor | None,
+                     x_fp: torch.Tensor | None = None) -> None:
+        """Layer i's results, then the next layer's inputs (quantized stream, and the float one if carried),
+        then the state: each replaced atomically."""
         self._replace_save(tensors, self.layer_file(i))
         if x is not None:
-            self._replace_save({"x": x}, self.dir / "acts.safetensors")
+            self._replace_save({"x": x} if x_fp is None else {"x": x, "x_fp": x_fp}, self.dir / "acts.safetensors")
+        state = json.dumps({"key": self.key, "done": i + 1})
+        self._replace(self.dir / "state.json", lambda tmp: tmp.write_text(state))
         self.done = i + 1
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "done": self.done}))
-        os.replace(tmp, self.dir / "state.json")
 
-    def load_activations(self) -> torch.Tensor | None:
+    def load_activations(self, name: str = "x") -> torch.Tensor | None:
         path = self.dir / "acts.safetensors"
-        return load_file(str(path))["x"] if self.done and path.is_file() else None
+        return load_file(str(path)).get(name) if self.done and path.is_file() else None
 
     def load_layer(self, i: int, grid: GridConfig) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor]]:
         t = self.load_tensors(i)
@@ -196,6 +220,7 @@ class PartialRun:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        untrack_partial(self.dir)
         self._lock()  # release OUT's lock (once; a finalizer runs at most one time)
 
 
@@ -212,26 +237,33 @@ def run_key(model_dir: Path, qcfg, calib: CalibSet | None) -> str:
 
 # (layer index, its weights, its calibration inputs or None, rope, HF names of its linears)
 #   -> (dequantized linears to run the next layer's inputs through, tensors to persist for the layer)
+# With fp_targets, step also gets target=: the float model's outputs of the layer.
 LayerStep = Callable[[int, dict, "torch.Tensor | None", object, dict],
                      tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
 
 
 def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: CalibSet | None, step: LayerStep,
-                   after_layer: Callable[[int], None] | None = None, where: Placement = Placement()) -> None:
+                   after_layer: Callable[[int], None] | None = None, where: Placement = Placement(),
+                   fp_targets: bool = False) -> None:
     """Drive `step` over the layers from the first one `state` lacks, persisting each result.
 
     With calibration, layer i's inputs are the calibration tokens run through layers < i
     *quantized* (resumed from the saved activations), so every layer sees the error before it.
+    With `fp_targets` a float stream (the same tokens through the float layers) is carried beside it,
+    and each layer's float outputs are passed to `step` as `target`.
     """
     spec = folder.spec
     if state.done:
         info(f"resuming {label} after layer {state.done - 1} from {state.dir}")
-    x = rope = None
+    x = x_fp = rope = None
     if calib is not None:
         rope = where.rope(build_rope(folder.config, spec, calib.tokens.shape[1]))
         x = state.load_activations()
         if x is None:
             x = folder.embed_tokens(calib.tokens)
+        if fp_targets:
+            x_fp = state.load_activations("x_fp")
+            x_fp = where.activations(x.clone() if x_fp is None else x_fp)
         x = where.activations(x)
     with torch.inference_mode(), progress(f"quantize {label}", spec.num_layers) as advance:
         for _ in range(state.done):
@@ -239,10 +271,15 @@ def run_sequential(folder: ModelFolder, label: str, state: PartialRun, calib: Ca
         for i in range(state.done, spec.num_layers):
             w = where.weights(layer_weights(folder.get, spec, i))
             names = {short: layer_tensor_name(spec.arch, i, sfx) for short, sfx in LINEARS}
-            deq, saved = step(i, w, x, rope, names)
+            if x_fp is not None:  # the float layer's outputs: this layer's target, the next one's float inputs
+                x_fp = propagate(x_fp, w, {}, spec, rope, where)
+                deq, saved = step(i, w, x, rope, names, target=x_fp)
+            else:
+                deq, saved = step(i, w, x, rope, names)
             if x is not None:
                 x = propagate(x, w, deq, spec, rope, where)
-            state.save_tensors(i, to_cpu(saved), None if x is None else x.cpu())
+            state.save_tensors(i, to_cpu(saved), None if x is None else x.cpu(),
+                               None if x_fp is None else x_fp.cpu())
             del w, deq, saved
             if after_layer:
                 after_layer(i)
@@ -267,13 +304,15 @@ def quantize_checkpoint(model_dir: Path, qcfg: QuantConfig, out: Path, overwrite
     t0 = time.perf_counter()
     state = PartialRun(out, run_key(model_dir, qcfg, calib if method.needs_calibration else None))
 
-    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str]):
-        qts = quantize_block(method, w, x, qcfg, spec, rope, names, where)
+    def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str],
+             target: torch.Tensor | None = None):
+        qts = quantize_block(method, w, x, qcfg, spec, rope, names, where, target)
         # the dequantized linears only feed the next layer's calibration inputs
         deq = {} if x is None else {short: qt.dequantize() for short, qt in qts.items()}
         return deq, PartialRun.flatten(qts, w)
 
-    run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer, where)
+    run_sequential(folder, qcfg.name, state, calib if method.needs_calibration else None, step, after_layer, where,
+                   fp_targets=method.fp_targets)
     stats = _assemble(folder, qcfg, out, state, calib if method.needs_calibration else None)
     state.remove()
     stats.seconds = time.perf_counter() - t0

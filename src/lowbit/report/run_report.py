@@ -27,6 +27,7 @@ import html
 import io
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -812,23 +813,22 @@ def render_html(rep: Report, plots: dict[str, bytes]) -> str:
     return "\n".join(o) + "\n"
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_report(run_dir: Path) -> tuple[Path, Path]:
-    """Render run_dir/results.json as run_dir/report.md (+ PNGs beside it) and run_dir/report.html."""
+    """Render run_dir/results.json as run_dir/report.md (+ PNGs beside it) and run_dir/report.html.
+
+    Every file is written under a temporary name first and all are renamed only once all are written,
+    so a full disk (or a kill) leaves the previous report as it was, never a mix of old and new files."""
     run_dir = Path(run_dir)
     rep = build(load_results(run_dir))
     plots = {name: png for name, png in (("report_kld.png", plot_kld(rep)), ("report_tasks.png", plot_tasks(rep)),
                                          ("report_layers.png", plot_layers(rep))) if png is not None}
-    for name in PLOT_NAMES:
-        if name in plots:
-            _write_bytes(run_dir / name, plots[name])
-        else:
-            (run_dir / name).unlink(missing_ok=True)  # a plot from an earlier render that no longer applies
     md, page = run_dir / "report.md", run_dir / "report.html"
-    _write_bytes(md, render_markdown(rep, plots).encode("utf-8"))
-    _write_bytes(page, render_html(rep, plots).encode("utf-8"))
+    files = {**{run_dir / name: png for name, png in plots.items()},
+             md: render_markdown(rep, plots).encode("utf-8"), page: render_html(rep, plots).encode("utf-8")}
+    with ExitStack() as stack:
+        for path, data in files.items():
+            stack.enter_context(atomic_file(path)).write_bytes(data)
+    for name in PLOT_NAMES:
+        if name not in plots:
+            (run_dir / name).unlink(missing_ok=True)  # a plot from an earlier render that no longer applies
     return md, page

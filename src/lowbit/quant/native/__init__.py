@@ -43,6 +43,10 @@ _SIGNATURES = {
     "lb_search_symmetric_rmse": [_f32p, _i64, _int, _int, _f32p, _i32p],
     "lb_search_positive": [_f32p, _f32p, _i64, _int, _int, _f32p, _i32p],
     "lb_row_sum": [_f32p, _i64, _int, _int, _f32p],
+    "lb_search_nonlinear": [_f32p, ctypes.c_void_p, _i64, _int, _f32p, _int, _int, _f32p],
+    "lb_best_index": [_f32p, _i64, _f32p, _int, _i32p],
+    "lb_search_iq2": [_f32p, _f32p, _f32p, _f32p, _i64, _int, _int, _int, _f32p, _i32p,
+                      np.ctypeslib.ndpointer(np.uint16, flags="C_CONTIGUOUS"), _f32p, _i32p],
 }
 
 
@@ -177,3 +181,42 @@ def row_sum(a: np.ndarray, first: bool = False) -> np.ndarray:
     out = np.empty(a.shape[0], np.float32)
     library().lb_row_sum(a, a.shape[0], a.shape[1], int(first), out)
     return out
+
+
+def search_nonlinear(x: np.ndarray, weights: np.ndarray | None, levels: np.ndarray, ntry: int) -> np.ndarray:
+    """IQ4's scale search per lane of [N, n] onto the ascending float32 `levels` (at most 16)."""
+    x = _f32(x)
+    n_lanes, n = x.shape
+    w = None if weights is None else _f32(weights)
+    lv = np.ascontiguousarray(levels, dtype=np.float32)
+    if not 2 <= lv.size <= 16:
+        raise ValueError(f"{lv.size} levels; the compiled search takes 2 to 16")
+    scale = np.empty(n_lanes, np.float32)
+    library().lb_search_nonlinear(x, None if w is None else w.ctypes.data, n_lanes, n, lv, lv.size, ntry, scale)
+    return scale
+
+
+def best_index(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """ggml's best_index_int8 of every value (any shape) among the ascending float32 `levels`, as int32."""
+    v = np.asarray(v, dtype=np.float32)
+    flat = np.ascontiguousarray(v.reshape(-1))
+    lv = np.ascontiguousarray(levels, dtype=np.float32)
+    out = np.empty(flat.size, np.int32)
+    library().lb_best_index(flat, flat.size, lv, lv.size, out)
+    return out.reshape(v.shape)
+
+
+def search_iq2(xval: np.ndarray, weights: np.ndarray, base: np.ndarray, start: np.ndarray, ntrial: int,
+               redo_all: bool, points: np.ndarray, kmap: np.ndarray, lists: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """IQ2_XXS / IQ2_XS trials over lanes [N, 32 or 16] (see lb_search_iq2): (scale [N], grid index [N, n/8])."""
+    x, w = _f32(xval), _f32(weights)
+    n_lanes, n = x.shape
+    if n % 8:
+        raise ValueError(f"lanes of {n} elements; IQ2 groups are 8 wide")
+    scale, index = np.empty(n_lanes, np.float32), np.empty((n_lanes, n // 8), np.int32)
+    library().lb_search_iq2(x, w, np.ascontiguousarray(base, np.float32), np.ascontiguousarray(start, np.float32),
+                            n_lanes, n, ntrial, int(redo_all), np.ascontiguousarray(points, np.float32),
+                            np.ascontiguousarray(kmap, np.int32), np.ascontiguousarray(lists, np.uint16),
+                            scale, index)
+    return scale, index

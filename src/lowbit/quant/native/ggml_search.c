@@ -321,6 +321,80 @@ void lb_search_positive(const float *x, const float *weights, int64_t N, int n, 
     }
 }
 
+/* ---------------------------------------------------------------- non-linear levels (IQ4_NL / IQ4_XS) */
+
+/* The level best_index_int8 picks for v, per lane: levels[] ascending, nlev >= 2. idx counts the inner levels
+ * not above v (as !(v < level), so a NaN lands on the last level like ggml's binary search), lo/hi are the
+ * two levels around v, and v goes to lo when (v - lo) < (hi - v) in float32, else to hi. Below the first or
+ * above the last level this comparison already picks the end level. */
+static inline vf vbest_level(vf v, const float *levels, int nlev) {
+    vf lo = splat(levels[0]), hi = splat(levels[1]);
+    for (int k = 1; k < nlev - 1; k++) {
+        vi m = ~(v < levels[k]);
+        lo = vpick(m, splat(levels[k]), lo);
+        hi = vpick(m, splat(levels[k + 1]), hi);
+    }
+    return vpick((v - lo) < (hi - v), lo, hi);
+}
+
+/* The same choice as an index, for a flat array of values. */
+void lb_best_index(const float *v, int64_t count, const float *levels, int nlev, int32_t *out) {
+    for (int64_t k0 = 0; k0 < count; k0 += G) {
+        int cnt = (int)((count - k0) < G ? (count - k0) : G);
+        float tmp[G] = {0};
+        memcpy(tmp, v + k0, sizeof(float) * cnt);
+        vf x;
+        memcpy(&x, tmp, sizeof x);
+        vf lo = splat(levels[0]), hi = splat(levels[1]);
+        vi idx = splati(1);
+        for (int k = 1; k < nlev - 1; k++) {
+            vi m = ~(x < levels[k]);
+            lo = vpick(m, splat(levels[k]), lo);
+            hi = vpick(m, splat(levels[k + 1]), hi);
+            idx -= m;   /* a true mask is -1 */
+        }
+        idx += (x - lo) < (hi - x);
+        int32_t r[G];
+        memcpy(r, &idx, sizeof r);
+        memcpy(out + k0, r, sizeof(int32_t) * cnt);
+    }
+}
+
+/* quantize_row_iq4_nl_impl's search for one group per lane: the float32 scale (0 for groups whose largest
+ * |x| is below GROUP_MAX_EPS). weights NULL means x^2. See search_iq4 in ggml_blocks.py. */
+void lb_search_nonlinear(const float *x, const float *weights, int64_t N, int n, const float *levels, int nlev,
+                         int ntry, float *scale_out) {
+    vf X[MAXN], W[MAXN];
+    for (int64_t l0 = 0; l0 < N; l0 += G) {
+        int cnt = (int)((N - l0) < G ? (N - l0) : G);
+        gather(x, l0, cnt, n, X);
+        if (weights) gather(weights, l0, cnt, n, W);
+        else for (int i = 0; i < n; i++) W[i] = X[i] * X[i];
+        vf mx = signed_absmax(X, n);
+        vf d = splat(0.0f), best = splat(0.0f);
+        for (int t = -1; t <= 2 * ntry; t++) {   /* t = -1: the first scale, then itry = t - ntry */
+            vf inv = t < 0 ? splat(1.0f) / (-mx / levels[0]) : splat((float)(t - ntry + (int)levels[0])) / mx;
+            vf sumqx = splat(0.0f), sumq2 = splat(0.0f);
+            for (int i = 0; i < n; i++) {
+                vf q = vbest_level(inv * X[i], levels, nlev);
+                vf wq = W[i] * q;
+                sumqx += wq * X[i];
+                sumq2 += wq * q;
+            }
+            if (t < 0) {
+                d = vpick(sumq2 > 0.0f, sumqx / sumq2, splat(0.0f));
+                best = d * sumqx;
+                continue;
+            }
+            vi better = (sumq2 > 0.0f) & (sumqx * sumqx > best * sumq2);
+            d = vpick(better, sumqx / sumq2, d);
+            best = vpick(better, d * sumqx, best);
+        }
+        vf sc = vpick(vabs(mx) < 1e-15f, splat(0.0f), d);
+        for (int l = 0; l < cnt; l++) scale_out[l0 + l] = lane(sc, l);
+    }
+}
+
 /* ---------------------------------------------------------------- sums */
 
 /* Each row of a [N][n] array summed in index order: from 0 (first == 0) or starting at its first element. */
@@ -330,5 +404,89 @@ void lb_row_sum(const float *a, int64_t N, int n, int first, float *out) {
         float s = first ? r[0] : 0.0f + r[0];
         for (int i = 1; i < n; i++) s += r[i];
         out[k] = s;
+    }
+}
+
+/* ---------------------------------------------------------------- IQ2_XXS / IQ2_XS grid search */
+
+/* iq2_find_best_neighbour: among the listed grid points (list[0] = count, then indices), the first of the
+ * smallest sum of w * (scale * q - x)^2 over a group of 8. */
+static int iq2_best_neighbour(const uint16_t *list, const float *points, const float *x, const float *w,
+                              float scale) {
+    float best = 3.402823466e+38f;
+    int index = -1;
+    for (int j = 1; j <= list[0]; j++) {
+        const float *q = points + 8 * (int)list[j];
+        float d2 = 0.0f;
+        for (int i = 0; i < 8; i++) {
+            float diff = scale * q[i] - x[i];
+            d2 += w[i] * diff * diff;
+        }
+        if (d2 < best) { best = d2; index = list[j]; }
+    }
+    return index;
+}
+
+/* Round the groups of 8 of one lane at 1/inv onto the grid (levels 0..2; off-grid groups that are `want`ed
+ * go to their best neighbour at `scale`); writes the grid index of every wanted group and its on-grid flag. */
+static void iq2_snap(const float *x, const float *waux, int ng, float inv, float scale, const int *want,
+                     const float *points, const int32_t *kmap, const uint16_t *lists, int *index, int *on) {
+    for (int k = 0; k < ng; k++) {
+        if (!want[k]) continue;
+        int u = 0;
+        for (int i = 0; i < 8; i++) u |= clampi(nearest_int(0.5f * (inv * x[8 * k + i] - 1.0f)), 0, 2) << (2 * i);
+        int32_t m = kmap[u];
+        on[k] = m >= 0;
+        index[k] = m >= 0 ? m : iq2_best_neighbour(lists - m - 1, points, x + 8 * k, waux + 8 * k, scale);
+    }
+}
+
+static void iq2_sums(const float *x, const float *w, int n, const int *index, const float *points, float *sumqx,
+                     float *sumq2) {
+    float sx = 0.0f, s2 = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float q = points[8 * index[i / 8] + i % 8];
+        sx += w[i] * x[i] * q;
+        s2 += w[i] * q * q;
+    }
+    *sumqx = sx;
+    *sumq2 = s2;
+}
+
+/* The trials and last pass of quantize_row_iq2_xxs_impl / quantize_row_iq2_xs_impl over lanes [N][n]
+ * (n = 32 or 16) of sign-folded values x and weights w: trial scales base / (5 + 0.1 is), is = -ntrial..ntrial,
+ * from the start scale; the last pass redoes every group (redo_all) or those off the grid. points [G][8] are
+ * the grid's 2L+1 as float, kmap [1 << 16] and lists as ggml's iq2xs_init_impl keeps them. Writes the
+ * (signed) scale and the grid index of every group. Lanes with !(base > 0) are left to the caller. */
+void lb_search_iq2(const float *x, const float *weights, const float *base, const float *start, int64_t N, int n,
+                   int ntrial, int redo_all, const float *points, const int32_t *kmap, const uint16_t *lists,
+                   float *scale_out, int32_t *index_out) {
+    const int ng = n / 8;
+    for (int64_t k = 0; k < N; k++) {
+        const float *xs = x + k * n, *w = weights + k * n;
+        float waux[MAXN];
+        for (int i = 0; i < n; i++) waux[i] = sqrtf(w[i]);
+        int index[MAXN / 8] = {0}, on[MAXN / 8], aux[MAXN / 8], aux_on[MAXN / 8], want[MAXN / 8];
+        for (int g = 0; g < ng; g++) { on[g] = 1; want[g] = 1; }
+        float scale = start[k], best = 0.0f, sumqx, sumq2;
+        for (int is = -ntrial; is <= ntrial; is++) {
+            float inv = (5.0f + (float)is * 0.1f) / base[k];
+            iq2_snap(xs, waux, ng, inv, 1.0f / inv, want, points, kmap, lists, aux, aux_on);
+            iq2_sums(xs, w, n, aux, points, &sumqx, &sumq2);
+            if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+                scale = sumqx / sumq2;
+                best = scale * sumqx;
+                for (int g = 0; g < ng; g++) { index[g] = aux[g]; on[g] = aux_on[g]; }
+            }
+        }
+        int any = 0;
+        for (int g = 0; g < ng; g++) { want[g] = redo_all || !on[g]; any |= want[g]; }
+        if (any && scale > 0.0f) {
+            iq2_snap(xs, waux, ng, 1.0f / scale, scale, want, points, kmap, lists, index, aux_on);
+            iq2_sums(xs, w, n, index, points, &sumqx, &sumq2);
+            if (sumq2 > 0.0f) scale = sumqx / sumq2;
+        }
+        scale_out[k] = scale;
+        for (int g = 0; g < ng; g++) index_out[k * ng + g] = index[g];
     }
 }

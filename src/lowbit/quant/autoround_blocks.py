@@ -1,0 +1,66 @@
+"""AutoRound onto llama.cpp's block grids (Q4_0 ... Q6_K): SignRound's learned rounding in a standard GGUF.
+
+A ggml block type fixes each sub-block's (scale, bias) in its header; llama.cpp's search picks them and
+then rounds every weight to the nearest code. Here the header is llama.cpp's own fit (imatrix-weighted:
+by the imatrix when one is given, else by the calibration inputs' mean x^2, as GPTQ on block grids does),
+and only the rounding is learned: an offset V in [-0.5, 0.5] per weight, code = round((w - bias) / scale
++ V) + zero, moved by AutoRound's signed gradient steps on the decoder block's output error against the
+float model's (lowbit.quant.autoround.learn_block). The codes are then packed with the type's own layout,
+so the file is a plain GGUF of the same type and size as llama-quantize's.
+
+The clip ratios of lowbit's own AutoRound have no counterpart: a block's scale and min are 6-bit codes
+relative to a float16 super-block scale, fitted by llama.cpp's search. Non-linear grids (the i-quants'
+level tables) are left to llama.cpp's search (`supports`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lowbit.quant.ggml_blocks import BlockType
+
+
+def supports(btype: BlockType) -> bool:
+    """Linear grids only: an offset moves a weight between neighbouring codes of one scale."""
+    return btype.levels is None
+
+
+class BlockGridParams:
+    """The learnable rounding offsets of one linear on a fixed ggml block fit."""
+
+    def __init__(self, w: torch.Tensor, btype: BlockType, fit: dict[str, np.ndarray]):
+        self.btype, self.fit = btype, fit
+        scale, bias = btype.effective(fit)  # float32 [rows, n // sub]
+        expand = lambda a: torch.from_numpy(np.ascontiguousarray(a)).repeat_interleave(btype.sub, dim=1)  # noqa: E731
+        self.scale, self.bias = expand(scale), expand(bias)
+        self.live = self.scale != 0
+        # where a sub-block's scale is exactly 0 every code decodes to its bias; ggml keeps its search's codes
+        # there (code `zero` without them), and so does this, so an unlearned tensor is llama.cpp's bytes
+        search = fit.get("search_codes")
+        self.dead_codes = (torch.full_like(self.scale, float(btype.zero)) if search is None else
+                           torch.from_numpy(np.asarray(search, dtype=np.float32).reshape(self.scale.shape)))
+        safe = torch.where(self.live, self.scale, torch.ones_like(self.scale))
+        self.base = (w.detach().float() - self.bias) / safe + btype.zero  # the code each weight sits at
+        self.v = torch.zeros_like(self.base, requires_grad=True)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.v]
+
+    def _codes(self) -> torch.Tensor:
+        t = self.base + self.v
+        q = t + (torch.round(t) - t).detach()  # straight-through rounding
+        q = torch.clamp(q, self.btype.qmin, self.btype.qmax)
+        return torch.where(self.live, q, self.dead_codes)
+
+    def fake(self) -> torch.Tensor:
+        return self.scale * (self._codes() - self.btype.zero) + self.bias
+
+    @torch.no_grad()
+    def clamp_(self, lo: float, hi: float) -> None:
+        self.v.clamp_(-0.5, 0.5)
+
+    @torch.no_grad()
+    def raw(self) -> np.ndarray:
+        """The GGUF rows: llama.cpp's header fields and the learned codes."""
+        return self.btype.pack(self.fit, self._codes().to(torch.uint8).numpy())
