@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -299,4 +300,6 @@ def test_lowbit_eval_scores_it_as_transformers_runs_it(capsys, folders) -> None:
     exact, hf = rows["lowbit"], rows["transformers"]
     assert exact["kind"] == "fp8-w8a8-dynamic" and 8.0 < exact["bpw"] < 8.1 and exact["kld_mean"] > 0
     assert hf["kld_mean"] == pytest.approx(exact["kld_mean"], rel=1e-3, abs=1e-6)
-    assert hf["ppl"] == pytest.approx(exact["ppl"], rel=1e-4)
+    # mean NLL in nats (this random-weight model's PPL is ~4e7, so a relative PPL tolerance is one on ~17.5 nats
+    # and CPUs with other float kernels (AVX-512 vs AVX2) differ by ~2e-4 of PPL)
+    assert math.log(hf["ppl"]) == pytest.approx(math.log(exact["ppl"]), abs=1e-3)
