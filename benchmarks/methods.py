@@ -159,6 +159,24 @@ def autoround_notes(rows: list[dict], bits: list[int], group: int, iters: int) -
     return "\n".join(out) + "\n" if out else ""
 
 
+def hqq_notes(rows: list[dict], bits: list[int], group: int) -> str:
+    """The acceptance figures: each lowbit HQQ row / the hqq package at the same bits and group, KLD and time."""
+    by = {r["contender"]: r for r in rows}
+    out = []
+    for b in bits:
+        peer = by.get(f"hqq {b}:{group}")
+        for cfg in (f"hqq:{b}:{group}:asym:fzero", f"hqq:{b}:{group}:asym"):
+            ours = by.get(f"lowbit {cfg}")
+            if peer and ours:
+                k = " / ".join(f"{t} {ours[t]['kld_mean']:.4f} vs {peer[t]['kld_mean']:.4f} "
+                               f"({ours[t]['kld_mean'] / peer[t]['kld_mean']:.2f}x)" for t in TEXTS)
+                out.append(f"- {cfg} ({ours['bpw']:.3f} bpw) / hqq {b}:{group} ({peer['bpw']:.3f} bpw): KLD {k}; "
+                           f"quantize {ours['quantize_s']} s vs {peer['quantize_s']} s "
+                           f"({ours['quantize_s'] / peer['quantize_s']:.2f}x), whole process {ours['process_s']} s "
+                           f"vs {peer['process_s']} s ({ours['process_s'] / peer['process_s']:.2f}x).")
+    return "\n".join(out) + "\n" if out else ""
+
+
 def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
     path.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     md = [f"# {path.stem}", "",
@@ -208,6 +226,7 @@ def main() -> int:
                 rows.append(hqq_peer_row(sessions, model_dir, b, args.group, work))
                 write_results(results, meta, rows)
                 print(f"done hqq {b}-bit", file=sys.stderr, flush=True)
+            meta["notes"] += "\n" + hqq_notes(rows, bits, args.group)
         if "bnb" in args.sections.split(","):
             calib_npy, meta["calibration"] = write_calib(model_dir, work, args.samples, args.seqlen)
             for kind in ("nf4", "int8"):
