@@ -132,11 +132,12 @@ def test_dequantize_is_exact_and_pack_round_trips(name, real_tensors):
         codes = t.codes(w, params)
         raw = t.pack(params, codes)
         assert np.array_equal(raw, t.quantize(w, importance))
-        # every code of the range, not just the ones the search picked (IQ2: any grid point, any signs)
+        # every code of the range, not just the ones the search picked (grid i-quants: any grid point, any signs)
         if t.search_only:
             blocks = w.size // t.block
-            any_codes = t._codes_from(rng.integers(0, len(t.tables[0]), size=(blocks, t.block // 8)),
-                                      rng.integers(0, 128, size=(blocks, t.block // 8))).reshape(w.shape)
+            any_codes = t._codes_from(rng.integers(0, len(t.tables[0]), size=(blocks, t.block // t.group)),
+                                      rng.integers(0, 128 if t.fold_signs else 256, size=(blocks, t.block // 8))
+                                      ).reshape(w.shape)
         else:
             any_codes = rng.integers(t.qmin, t.qmax + 1, size=w.shape).astype(np.uint8)
         for c in (codes, any_codes):
@@ -281,8 +282,10 @@ def synthetic(tmp_path_factory):
 
 def _synthetic_cases():
     """(type, with imatrix) pairs; IQ2 with an imatrix is -m slow here (the default suite has it in
-    test_gguf_iq2_files.py, on a whole 8-layer mix, and in test_iq2.py block by block)."""
-    for name in TYPES:
+    test_gguf_iq2_files.py, on a whole 8-layer mix, and in test_iq2.py block by block). IQ3_XXS, IQ3_S and
+    IQ2_S have no FILE_TYPE here: test_iq3_s_iq2_s.py / test_iq3_xxs.py compare them block by block and
+    test_gguf_iq3_xxs_files.py in llama.cpp's IQ3_XXS mix."""
+    for name in FILE_TYPE:
         for imat in (False, True):
             slow = (pytest.mark.slow,) if TYPES[name].needs_importance and imat else ()
             yield pytest.param(name, imat, id=f"{name}-{'imatrix' if imat else 'ref'}", marks=slow)

@@ -42,9 +42,9 @@ KGRID = {"IQ2_XXS": IQ2XXS_KGRID, "IQ2_XS": IQ2XS_KGRID}
 _GGML = None
 
 
-def ggml_quantize(t, w: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """llama.cpp's bytes for w [rows, n] with the importance [n]: ggml_quantize_chunk, the call
-    llama_model_quantize makes per tensor (it requires an importance for IQ2)."""
+def ggml_quantize(t, w: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    """llama.cpp's bytes for w [rows, n] with the importance [n] (or none, where ggml allows it):
+    ggml_quantize_chunk, the call llama_model_quantize makes per tensor."""
     global _GGML
     llama_cpp = pytest.importorskip("llama_cpp")
     if _GGML is None:
@@ -54,11 +54,12 @@ def ggml_quantize(t, w: np.ndarray, importance: np.ndarray) -> np.ndarray:
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         _GGML = lib
     w = np.ascontiguousarray(w, np.float32)
-    imp = np.ascontiguousarray(importance, np.float32)
-    assert imp.shape == (w.shape[1],)
+    imp = None if importance is None else np.ascontiguousarray(importance, np.float32)
+    assert imp is None or imp.shape == (w.shape[1],)
     rows, n = w.shape
     out = np.zeros((rows, n // t.block * t.bytes_per_block), np.uint8)
-    size = _GGML.ggml_quantize_chunk(int(t.ggml_type), w.ctypes.data, out.ctypes.data, 0, rows, n, imp.ctypes.data)
+    size = _GGML.ggml_quantize_chunk(int(t.ggml_type), w.ctypes.data, out.ctypes.data, 0, rows, n,
+                                     None if imp is None else imp.ctypes.data)
     assert size == out.size
     return out
 

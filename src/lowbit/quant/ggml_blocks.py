@@ -1,9 +1,10 @@
 """llama.cpp's block quantization types, vectorised in numpy and bit-compatible with ggml.
 
-Fourteen types: the legacy Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks), the
+Seventeen types: the legacy Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (32-element blocks), the
 k-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks) and the
-non-linear i-quants IQ4_NL (32), IQ4_XS, IQ2_XXS and IQ2_XS (256; the IQ2 pair
-needs an importance, and its codes are grid points of 8 weights). Each is a small
+non-linear i-quants IQ4_NL (32), IQ4_XS and the grid i-quants IQ3_XXS, IQ3_S,
+IQ2_XXS, IQ2_XS, IQ2_S (256; their codes are grid points of 4 or 8 weights, and
+IQ2_XXS / IQ2_XS need an importance). Each is a small
 `BlockType` subclass that knows four things: how llama.cpp searches the block
 parameters (`fit`), how it rounds the weights once those are fixed (`codes`),
 what one code is worth (`effective`), and the exact ggml byte layout
@@ -30,7 +31,9 @@ Which search runs (as in ggml's `quantize_<type>` dispatch):
     weighted make_qx for Q3_K/Q6_K/Q4_0/Q5_0, make_qkx3 for Q4_1/Q5_1).
     Q8_0 ignores the imatrix, as llama.cpp does. IQ4_NL / IQ4_XS have no separate
     reference path in llama_model_quantize: quantize_iq4_nl / quantize_iq4_xs run
-    with x^2 weights without an imatrix. The legacy impl paths weight
+    with x^2 weights without an imatrix, and the grid i-quants IQ3_XXS / IQ3_S /
+    IQ2_S run their one search with their own weights (x^2; IQ2_S sigma2/4 + x^2),
+    as ggml_quantize_chunk does; IQ2_XXS / IQ2_XS refuse. The legacy impl paths weight
     by sigma2 = mean x^2 over the whole row, so fitting column slices of a
     legacy type with an importance is not the same as fitting the full rows
     (k-quants only look inside their own 256-element block).
@@ -1089,361 +1092,174 @@ class IQ4_XS(_IQ4):
         return {"d": fp16_from_bytes(f["d"]), "scales": (low | (high << 4)).astype(np.uint8)}, codes
 
 
-# ---------------------------------------------------------------- i-quants: IQ3_XXS
+# ---------------------------------------------------------------- grid i-quants: IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S
 
 
-def _iq3_tables():
-    """From the 256 grid points: (levels L [256, 4], map u -> grid index or -1 [4096], neighbours [4096, M]).
+def grid_tables(kgrid: np.ndarray, group: int, bits: int, top: int, nwant: int):
+    """ggml's search tables for a grid (iq2xs_init_impl / iq3xs_init_impl), as numpy arrays.
 
-    u packs four 3-bit levels (level i at bits 3i). For a u off the grid, ggml's iq3xs_init_impl lists the
-    grid points of the two smallest squared distances (in units of 2L+1), ordered by (distance, index);
-    the rows are padded with -1."""
-    from lowbit.quant.ggml_iq_grids import IQ3XXS_KGRID
-
-    levels = (IQ3XXS_KGRID[:, None].astype(np.int64) >> (3 * np.arange(4))) & 7
-    kmap = np.full(4096, -1, np.int64)
-    kmap[IQ3XXS_KGRID.astype(np.int64)] = np.arange(256)
-    pos = 2 * ((np.arange(4096)[:, None] >> (3 * np.arange(4))) & 7) + 1
-    d2 = ((2 * levels + 1)[None] - pos[:, None]) ** 2
-    d2 = d2.sum(-1)                                                   # [4096, 256]
-    order = np.argsort(d2, axis=1, kind="stable")                     # by distance, then index
-    sd2 = np.take_along_axis(d2, order, axis=1)
-    second = np.array([np.unique(r)[:2][-1] for r in sd2])           # the second distinct distance
-    keep = sd2 <= second[:, None]
-    width = int(keep.sum(1).max())
-    neighbours = np.where(keep, order, -1)[:, :width]
-    neighbours[kmap >= 0] = -1
-    return levels, kmap, neighbours
-
-
-class IQ3_XXS(BlockType):
-    """256-element super-blocks of 8 sub-blocks of 32: fp16 d; per sub-block a 4-bit scale ls and, per group of
-    8, 7 sign bits (the 8th makes the count of negatives even); per group of 4, one of 256 grid points
-    (four magnitudes 2L+1, L in 0..7). A weight dequantizes to d * (0.5 + ls) * 0.5 * byte[L] * sign.
-
-    Codes: L + 8 for a negative weight, L for a positive one; `levels` holds +-IQ3XXS_BYTES. Only codes that
-    llama.cpp's search can produce pack (groups of 4 on the grid, an even count of negatives per 8).
-    The search is quantize_row_iq3_xxs_impl's: 31 trial scales, off-grid groups moved to the best of their
-    precomputed neighbours, then the sub-block scales quantized against d = max / 31 (stored d * 1.0125).
-
-    Not in TYPES yet (so no file type or --tensor-type offers it): the numpy search is byte-exact with
-    llama.cpp (tests/test_iq3_xxs.py) but slow, ~20-30 us per weight, and has no compiled port; GPTQ cannot
-    target it (a group of 4 must stay on the grid).
-    """
-
-    name, ggml_type = "IQ3_XXS", gguf.GGMLQuantizationType.IQ3_XXS
-    block, sub = QK_K, 32
-    qmin, qmax, zero = 0, 15, 0
-    layout = (("d", 2), ("qs", 64), ("signs", 32))
-
-    def __init__(self):
-        from lowbit.quant.ggml_iq_grids import IQ3XXS_BYTES
-
-        b = IQ3XXS_BYTES.astype(F32)
-        self.levels = np.concatenate([b, -b]).astype(F32)
-        self._tables = None
-
-    @property
-    def tables(self):
-        if self._tables is None:
-            self._tables = _iq3_tables()
-            self._points = (2 * self._tables[0] + 1).astype(F32)
-            nbr = self._tables[2]
-            self._nb_count = (nbr >= 0).sum(1)                          # neighbour lists, flattened (CSR)
-            self._nb_start = np.cumsum(self._nb_count) - self._nb_count
-            self._nb_flat = nbr[nbr >= 0]
-        return self._tables
-
-    def _best_neighbour(self, u, xval, waux, scale):
-        """iq3_find_best_neighbour for groups [G] of 4: the levels [G, 4] of the weighted-nearest neighbour.
-
-        Every (group, neighbour) pair is scored at once (about 5 neighbours per off-grid point); within a
-        group the first of the smallest scores wins, as ggml's strict `d2 < best_d2` keeps the first."""
-        levels = self.tables[0]
-        count = self._nb_count[u]                                       # [G]
-        first = np.cumsum(count) - count
-        group = np.repeat(np.arange(len(u)), count)
-        cand = self._nb_flat[np.repeat(self._nb_start[u] - first, count) + np.arange(int(count.sum()))]
-        q = self._points[cand]                                          # [P, 4] float32 2L+1, group by group
-        d2 = np.zeros(len(cand), F32)
-        sc, xs, ws = scale[group], xval[group], waux[group]
-        for i in range(4):
-            diff = sc * q[:, i] - xs[:, i]
-            d2 += ws[:, i] * diff * diff
-        mins = np.minimum.reduceat(d2, first)
-        pos = np.where(d2 == mins[group], np.arange(len(cand)), len(cand))
-        return levels[cand[np.minimum.reduceat(pos, first)]]
-
-    def _snap(self, L, xval, waux, scale, want):
-        """Groups [S, 8] of L [S, 32]: where `want`, u from L; off-grid ones go to their best neighbour.
-        Returns (L with those groups replaced, on-grid mask [S, 8])."""
-        _, kmap, _ = self.tables
-        g = L.reshape(-1, 8, 4)
-        u = (g << (3 * np.arange(4))).sum(-1)
-        on = kmap[u] >= 0
-        off = want & ~on
-        if off.any():
-            S = np.nonzero(off)
-            xs = xval.reshape(-1, 8, 4)[S]
-            ws = waux.reshape(-1, 8, 4)[S]
-            g = g.copy()
-            g[S] = self._best_neighbour(u[S], xs, ws, scale[S[0]])
-        return g.reshape(-1, 32), on
-
-    def _fit(self, x, qw):
-        rows, nb = x.shape[:2]
-        flat = x.reshape(-1, QK_K)
-        xb = flat.reshape(-1, 32)                                       # sub-blocks [S, 32]
-        sumx2 = rows_sum(flat * flat)
-        sigma2 = (F32(2) * sumx2 / F32(QK_K)).repeat(8)[:, None]
-        with np.errstate(invalid="ignore", over="ignore"):
-            weight = xb * xb if qw is None else qw.reshape(-1, 32) * np.sqrt(sigma2 + xb * xb)
-            waux = np.sqrt(weight)
-        neg = ~(xb >= 0)
-        xval = np.where(neg, -xb, xb)
-        ng = neg.reshape(-1, 4, 8)
-        odd = (ng.sum(-1) % 2) == 1                                     # [S, 4]
-        imin = np.argmin((weight * xb * xb).reshape(-1, 4, 8), axis=-1)
-        flip = odd[..., None] & (np.arange(8) == imin[..., None])       # [S, 4, 8]
-        xval = np.where(flip.reshape(-1, 32), -xval, xval)
-        sign = ng ^ flip
-        bits = (sign.astype(np.int64) << np.arange(8)).sum(-1)          # [S, 4]
-        block_signs = bits & 127
-        mx = xval.max(axis=1)
-        S = xb.shape[0]
-        best = np.zeros(S, F32)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            scale = (mx / F32(15)).astype(F32)
-            L = np.zeros((S, 32), np.int64)
-            is_on = np.ones((S, 8), bool)
-            for step in range(-15, 16):
-                inv = (F32(15) + F32(step) * F32(0.2)) / mx
-                this_scale = F32(1) / inv
-                laux = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 7).astype(np.int64)
-                laux, on = self._snap(laux, xval, waux, this_scale, np.ones((S, 8), bool))
-                q = (2 * laux + 1).astype(F32)
-                sumqx = rows_sum(weight * xval * q)
-                sumq2 = rows_sum(weight * q * q)
-                better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-                scale = np.where(better, sumqx / sumq2, scale)
-                best = np.where(better, scale * sumqx, best)
-                L = np.where(better[:, None], laux, L)
-                is_on = np.where(better[:, None], on, is_on)
-            redo = (~is_on).any(1) & (scale > 0)
-            if redo.any():
-                inv = F32(1) / scale
-                lnew = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 7).astype(np.int64)
-                want = ~is_on & redo[:, None]
-                lnew, _ = self._snap(lnew, xval, waux, scale, want)
-                L = np.where(want.repeat(4, axis=1), lnew, L)
-                q = (2 * L + 1).astype(F32)
-                sumqx = rows_sum(weight * xval * q)
-                sumq2 = rows_sum(weight * q * q)
-                scale = np.where(redo & (sumq2 > 0), sumqx / sumq2, scale).astype(F32)
-        negative = scale < 0
-        scale = np.where(negative, -scale, scale)
-        block_signs = np.where(negative[:, None], ~block_signs & 127, block_signs)
-        empty = mx < F32(1e-8)
-        scale = np.where(empty, F32(0), scale).astype(F32)
-        L[empty] = 0
-        block_signs[empty] = 0
-        per = scale.reshape(-1, 8)
-        max_scale = np.maximum(per.max(axis=1), F32(0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = (max_scale / F32(31)).astype(F32)
-            inv = F32(1) / d
-            ls = np.clip(nearest_int(F32(0.5) * (inv[:, None] * per - F32(1))), 0, 15)
-        zero_block = max_scale == 0
-        ls[zero_block] = 0
-        d = np.where(zero_block, F32(0), d * F32(1.0125)).astype(F32)
-        signs = _iq3_sign_bits(block_signs)                             # [S, 32] bool, parity bit included
-        codes = (L + 8 * signs).reshape(-1, QK_K)
-        codes[zero_block] = 0
-        return {"d": to_fp16(d), "scales": ls.astype(np.uint8), "search_codes": codes.astype(np.uint8)}
-
-    def codes(self, w, params):
-        search = params.get("search_codes")
-        if search is None:
-            raise LowbitError("IQ3_XXS: codes come only from its own search (a group of 4 must lie on the grid)")
-        return np.asarray(search, dtype=np.uint8).reshape(np.shape(w)[0], -1)
-
-    def _effective(self, p):
-        d = np.asarray(p["d"]).astype(F32)[..., None]
-        scale = d * (F32(0.5) + np.asarray(p["scales"]).astype(F32)) * F32(0.5)
-        return scale, _neg_zero(scale)
-
-    def _encode(self, p, codes):
-        _, kmap, _ = self.tables
-        L = (codes & 7).astype(np.int64).reshape(-1, 8, 8, 4)           # [B, sub, group of 4, 4]
-        grid = kmap[(L << (3 * np.arange(4))).sum(-1)]                  # [B, 8, 8]
-        neg = (codes >> 3).astype(np.int64).reshape(-1, 8, 4, 8)
-        if (grid < 0).any() or (neg.sum(-1) % 2).any():
-            raise LowbitError("IQ3_XXS: codes off the grid or with an odd count of negatives in a group of 8")
-        bits7 = ((neg[..., :7] << np.arange(7)).sum(-1) << (7 * np.arange(4))).sum(-1)  # [B, 8]
-        word = (bits7 | (np.asarray(p["scales"]).astype(np.int64) << 28)).astype("<u4")
-        return {"d": fp16_bytes(p["d"]), "qs": grid.reshape(-1, 64).astype(np.uint8),
-                "signs": np.ascontiguousarray(word).view(np.uint8).reshape(-1, 32)}
-
-    def _decode(self, f):
-        levels, _, _ = self.tables
-        L = levels[f["qs"].astype(np.int64)].reshape(-1, 8, 32)        # [B, 8, 32]
-        word = np.ascontiguousarray(f["signs"]).view("<u4").reshape(-1, 8).astype(np.int64)
-        neg = _iq3_sign_bits((word[..., None] >> (7 * np.arange(4))) & 127)
-        codes = (L + 8 * neg.reshape(-1, 8, 32)).reshape(-1, QK_K)
-        return {"d": fp16_from_bytes(f["d"]), "scales": (word >> 28).astype(np.uint8)}, codes
-
-
-def _iq3_sign_bits(seven: np.ndarray) -> np.ndarray:
-    """ksigns_iq2xs: 7 stored sign bits [..., 4] -> the 8 signs of each group [..., 32] (the 8th bit evens the count)."""
-    seven = np.asarray(seven).astype(np.int64)
-    parity = np.zeros_like(seven)
-    for i in range(7):
-        parity ^= (seven >> i) & 1
-    full = seven | (parity << 7)
-    return (((full[..., None] >> np.arange(8)) & 1) == 1).reshape(*seven.shape[:-1], -1)
-
-
-# ---------------------------------------------------------------- i-quants: IQ2_XXS, IQ2_XS
-
-
-def _iq2_tables(kgrid: np.ndarray):
-    """From an IQ2 grid (IQ2XXS_KGRID or IQ2XS_KGRID): (levels L [G, 8], map u -> grid index [1 << 16],
-    neighbour lists).
-
-    u packs eight 2-bit levels (level i at bits 2i); the search only forms u with levels 0..2. For such a u
-    off the grid, ggml's iq2xs_init_impl lists the grid points of the two smallest squared distances (in
-    units of 2L+1), ordered by (distance, index). The map holds the grid index of a u on the grid and
-    -(offset + 1) of its list otherwise, the list being [count, index...] at `offset` of the flat uint16
-    array, as ggml keeps them; (start, count) of each u's indices are returned as well for numpy."""
-    levels = (kgrid[:, None].astype(np.int64) >> (2 * np.arange(8))) & 3
-    size = len(kgrid)
-    kmap = np.full(1 << 16, -1, np.int64)
-    kmap[kgrid.astype(np.int64)] = np.arange(size)
-    u = (np.arange(3 ** 8)[:, None] // 3 ** np.arange(8)) % 3                   # every u with levels 0..2
-    code = (u << (2 * np.arange(8))).sum(-1)
+    Point k of the grid has level i = (kgrid[k] >> bits*i) & (2**bits - 1); the search rounds a group of
+    `group` weights to levels 0..top and packs them into u the same way. Returns (levels [G, group], kmap
+    [2**(bits*group)] int32, lists uint16, start, count): kmap holds the grid index of a u on the grid and
+    -(offset + 1) for one off it, `lists[offset]` being the number of its neighbours and the next entries
+    their indices, as ggml keeps them for the compiled search; start / count locate the same indices for
+    numpy. A u's neighbours are the points at its `nwant` smallest distinct squared distances (in units of
+    2L+1), ordered by (distance, index) like ggml's qsort leaves them."""
+    kgrid = np.asarray(kgrid).astype(np.int64)
+    shifts = bits * np.arange(group)
+    levels = (kgrid[:, None] >> shifts) & ((1 << bits) - 1)
+    kmap = np.full(1 << (bits * group), -1, np.int64)
+    kmap[kgrid] = np.arange(len(kgrid))
+    span = top + 1
+    u = (np.arange(span ** group)[:, None] // span ** np.arange(group)) % span      # every u the search forms
+    code = (u << shifts).sum(-1)
     off = kmap[code] < 0
     u, code = u[off], code[off]
     d2 = 4 * ((u * u).sum(1)[:, None] + (levels * levels).sum(1)[None] - 2 * u @ levels.T)  # [U, G], exact ints
-    first = d2.min(1, keepdims=True)
-    second = np.where(d2 > first, d2, d2.max() + 1).min(1, keepdims=True)       # the second distinct distance
-    row, col = np.nonzero(d2 <= second)
-    pick = np.lexsort((col, d2[row, col], row))                                 # per u: by distance, then index
+    limit = d2.min(1, keepdims=True)
+    for _ in range(nwant - 1):                                                       # the next distinct distance
+        limit = np.where(d2 > limit, d2, d2.max() + 1).min(1, keepdims=True)
+    row, col = np.nonzero(d2 <= limit)
+    pick = np.lexsort((col, d2[row, col], row))                                      # per u: by distance, index
+    row, col = row[pick], col[pick]
     count = np.bincount(row, minlength=len(code))
-    flat = np.empty(int(count.sum() + len(code)), np.uint16)
     offset = np.cumsum(count + 1) - (count + 1)
-    flat[offset] = count
-    pos = np.repeat(offset + 1 - np.cumsum(count) + count, count) + np.arange(int(count.sum()))
-    flat[pos] = col[pick]
+    lists = np.empty(int(count.sum() + len(code)), np.uint16)
+    lists[offset] = count
+    lists[np.repeat(offset + 1, count) + np.arange(len(col)) - np.repeat(np.cumsum(count) - count, count)] = col
     kmap[code] = -(offset + 1)
-    start = np.zeros(1 << 16, np.int64)
+    start = np.zeros(len(kmap), np.int64)
     start[code] = offset + 1
-    counts = np.zeros(1 << 16, np.int64)
+    counts = np.zeros(len(kmap), np.int64)
     counts[code] = count
-    return levels, kmap, flat, start, counts
+    return levels, kmap.astype(np.int32), lists, start, counts
 
 
-class _IQ2(BlockType):
-    """IQ2_XXS and IQ2_XS: 256-element super-blocks with an fp16 d, sub-blocks of `sub` weights with a 4-bit
-    scale ls, and groups of 8 weights, each one of the grid's points (eight magnitudes 2L+1, L in 0..2) with 7
-    sign bits (the 8th makes the count of negatives even). A weight dequantizes to
-    d * (0.5 + ls) * 0.25 * byte[L] * sign, byte = IQ2_BYTES (8, 25, 43).
+def sign_bits(stored: np.ndarray, folded: bool) -> np.ndarray:
+    """Stored sign bits [..., k] (one byte per group of 8 weights) -> the signs of the 8k weights [..., 8k], True
+    for negative. folded: 7 stored bits, the 8th evens the count of negatives (ksigns_iq2xs)."""
+    stored = np.asarray(stored).astype(np.int64)
+    if folded:
+        parity = np.zeros_like(stored)
+        for i in range(7):
+            parity ^= (stored >> i) & 1
+        stored = (stored & 127) | (parity << 7)
+    return (((stored[..., None] >> np.arange(8)) & 1) == 1).reshape(*stored.shape[:-1], -1)
 
-    Codes: L + 3 for a negative weight, L for a positive one; `levels` holds +-IQ2_BYTES. Only codes that
-    llama.cpp's search can produce pack (groups of 8 on the grid, an even count of negatives).
 
-    The search is quantize_row_iq2_xxs_impl's / quantize_row_iq2_xs_impl's, which need an importance
-    (llama.cpp refuses IQ2 without an imatrix; so does lowbit): weights qw * sqrt(mean x^2 + x^2), signs
-    folded so each group of 8 has an even count of negatives (the least important weight flips), trial
-    scales around a start, every group off the grid moved to the weighted-nearest of its precomputed
-    neighbours, a last least-squares pass at the best scale, then the sub-block scales quantized against
-    d = max / 31. The compiled port (lb_search_iq2 in ggml_search.c) runs the trials when available, about
-    0.5 us of CPU per weight, like llama.cpp's own; the numpy reference otherwise (the same bytes, 4-9 us).
+class _GridIQ(BlockType):
+    """llama.cpp's grid i-quants: 256-element super-blocks with an fp16 d and a 4-bit scale ls per sub-block of
+    `sub` weights; each group of `group` weights is one point of the type's grid (magnitudes 2L+1, L in 0..top),
+    with one sign per weight. A weight dequantizes to scale(d, ls) * byte[L] * sign.
 
-    GGUF file types IQ2_XXS / IQ2_XS (lowbit.quant.gguf_mix) and --tensor-type targets; GPTQ cannot target them
-    (a group of 8 must stay on the grid), so calibrated methods give these tensors llama.cpp's search.
+    Codes: L + n_levels for a negative weight, L for a positive one; `levels` holds +-byte. Only codes whose
+    groups lie on the grid pack (and, where signs are folded, with an even count of negatives per 8).
+
+    The search, shared by quantize_row_{iq3_xxs,iq3_s,iq2_xxs,iq2_xs,iq2_s}_impl with the settings below:
+    weights qw * sqrt(sigma2 + x^2) with an importance (sigma2 = sigma_scale * mean x^2 over the super-block),
+    a type's own without; |x| per weight, with folded signs the least important weight of a group of 8 with
+    an odd count of negatives flipped; trial scales base / (center + step * is), every group rounded and, off
+    the grid, moved to the weighted-nearest of its precomputed neighbours; a last pass at the best scale (see
+    `redo`); then the sub-block scales quantized against d = max / 31 (stored d * d_fudge). The compiled port
+    (lb_search_grid in ggml_search.c) runs the trials when available, about as fast as llama.cpp's own; the
+    numpy reference otherwise (the same bytes, several times slower). GPTQ cannot target these types (a group must stay on the grid): calibrated methods
+    give their tensors llama.cpp's search.
     """
 
     block = QK_K
-    qmin, qmax, zero = 0, 5, 0
-    kgrid_name = ""
-    ntrial = 0           # trial scales -ntrial..ntrial
-    needs_importance = search_only = True
-    redo_all = False     # the last pass redoes every group (IQ2_XXS), or only those off the grid (IQ2_XS)
+    zero = 0
+    search_only = True
+    kgrid_name = bytes_name = ""
+    group, bits, top, nwant = 8, 2, 2, 2    # grid: weights per point, bits per level in u, top level, neighbours
+    center, step, ntrial = 5.0, 0.1, 9      # trial scales base / (center + step * is), is = -ntrial..ntrial
+    start_on_grid = True                    # a lane no trial improves counts as on the grid (not so in IQ3_S)
+    redo = 0                                # last pass: 0 the groups off the grid, 1 all if one is, 2 all
+    fold_signs = True                       # 7 stored sign bits per 8 weights
+    max_eps = GROUP_MAX_EPS                 # a sub-block whose largest |x| is below this (or 0) is left zero
+    sigma_scale = 2.0
+    d_fudge = 1.0
+    unit = 0.25                             # scale = d * (0.5 + ls) * unit (IQ3_S: d * (1 + 2 ls))
+    clear_zero_blocks = True                # ggml zeroes a block whose scales are all 0 (IQ3_S / IQ2_S leave it)
 
     def __init__(self):
-        from lowbit.quant.ggml_iq_grids import IQ2_BYTES
+        from lowbit.quant import ggml_iq_grids
 
-        b = IQ2_BYTES.astype(F32)
+        b = getattr(ggml_iq_grids, self.bytes_name).astype(F32)
         self.levels = np.concatenate([b, -b]).astype(F32)
+        self.qmin, self.qmax = 0, 2 * b.size - 1
         self._tables = None
 
     @property
     def tables(self):
+        """grid_tables of this type's grid, built on first use (tenths of a second)."""
         if self._tables is None:
             from lowbit.quant import ggml_iq_grids
 
-            self._tables = _iq2_tables(getattr(ggml_iq_grids, self.kgrid_name))
-            self._points = (2 * self._tables[0] + 1).astype(F32)
-            self._kmap32 = self._tables[1].astype(np.int32)
+            self._tables = grid_tables(getattr(ggml_iq_grids, self.kgrid_name), self.group, self.bits, self.top,
+                                       self.nwant)
+            self.points = np.ascontiguousarray(2 * self._tables[0] + 1, dtype=F32)
         return self._tables
 
     # -- the search
 
-    def _start(self, xval, weight, mx):
-        """(base, start scale) per lane: the trials try scales base / (5 + 0.1 is); base <= 0 skips a lane."""
-        raise NotImplementedError
+    def _plain_weights(self, xb: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+        """The weights without an importance: x^2 (IQ2_S adds sigma2 / 4; the IQ2_XXS / IQ2_XS ones refuse)."""
+        return xb * xb
+
+    def _start(self, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(base, start scale) per lane: trials try base / (center + step * is); base <= 0 leaves a lane zero."""
+        return mx.astype(F32), (mx / F32(2 * self.top + 1)).astype(F32)
 
     def _best_neighbour(self, u, xval, waux, scale):
-        """iq2_find_best_neighbour for groups [P] of 8: the grid index of the weighted-nearest neighbour.
-        Every (group, neighbour) pair is scored at once; within a group the first of the smallest scores wins,
-        as ggml's strict `d2 < best_d2` keeps the first."""
-        _, _, flat, start, counts = self.tables
+        """The find_best_neighbour of groups [P]: the grid index of each one's weighted-nearest neighbour. Every
+        (group, neighbour) pair is scored at once; within a group the first of the smallest scores wins, as
+        ggml's strict `d2 < best_d2` keeps the first."""
+        _, _, lists, start, counts = self.tables
         count = counts[u]
         first = np.cumsum(count) - count
-        group = np.repeat(np.arange(len(u)), count)
-        cand = flat[np.repeat(start[u] - first, count) + np.arange(int(count.sum()))].astype(np.int64)
-        q = self._points[cand]                                          # [P, 8] float32 2L+1, group by group
+        owner = np.repeat(np.arange(len(u)), count)
+        cand = lists[np.repeat(start[u] - first, count) + np.arange(int(count.sum()))].astype(np.int64)
+        q = self.points[cand]                                           # [P', group] float32 2L+1
         d2 = np.zeros(len(cand), F32)
-        sc, xs, ws = scale[group], xval[group], waux[group]
-        for i in range(8):
+        sc, xs, ws = scale[owner], xval[owner], waux[owner]
+        for i in range(self.group):
             diff = sc * q[:, i] - xs[:, i]
             d2 += ws[:, i] * diff * diff
         mins = np.minimum.reduceat(d2, first)
-        pos = np.where(d2 == mins[group], np.arange(len(cand)), len(cand))
+        pos = np.where(d2 == mins[owner], np.arange(len(cand)), len(cand))
         return cand[np.minimum.reduceat(pos, first)]
 
     def _snap(self, inv, xval, waux, scale, want):
-        """Levels of every group of 8 at 1/inv: the grid index [S, g] (where `want`; -1 elsewhere) and whether
-        the rounded point was on the grid [S, g]."""
-        _, kmap, _, _, _ = self.tables
-        S, n = xval.shape
-        L = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, 2).astype(np.int64)
-        u = (L.reshape(S, -1, 8) << (2 * np.arange(8))).sum(-1)
-        index = kmap[u]
+        """Every group of lanes [S, n] rounded at 1/inv: (grid index [S, g] where `want`, -1 elsewhere; whether
+        the rounded point was on the grid [S, g])."""
+        kmap = self.tables[1]
+        S = xval.shape[0]
+        L = np.clip(nearest_int(F32(0.5) * (inv[:, None] * xval - F32(1))), 0, self.top).astype(np.int64)
+        u = (L.reshape(S, -1, self.group) << (self.bits * np.arange(self.group))).sum(-1)
+        index = kmap[u].astype(np.int64)
         on = index >= 0
         off = want & ~on
         if off.any():
             at = np.nonzero(off)
-            index[at] = self._best_neighbour(u[at], xval.reshape(S, -1, 8)[at], waux.reshape(S, -1, 8)[at],
-                                             scale[at[0]])
+            index[at] = self._best_neighbour(u[at], xval.reshape(S, -1, self.group)[at],
+                                             waux.reshape(S, -1, self.group)[at], scale[at[0]])
         return np.where(want, index, -1), on
 
     def _sums(self, weight, xval, index):
-        q = self._points[index].reshape(weight.shape)
+        q = self.points[index].reshape(weight.shape)
         return rows_sum(weight * xval * q), rows_sum(weight * q * q)
 
     def _search_numpy(self, xval, weight, base, scale):
         """The trials and the last pass over lanes [S, sub] (base > 0): (scale [S], grid index [S, g])."""
         S, n = xval.shape
-        g = n // 8
-        everywhere = np.ones((S, g), bool)
+        everywhere = np.ones((S, n // self.group), bool)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             waux = np.sqrt(weight)
             best = np.zeros(S, F32)
-            index = np.zeros((S, g), np.int64)
-            on_grid = np.ones((S, g), bool)
+            index = np.zeros(everywhere.shape, np.int64)
+            on_grid = everywhere if self.start_on_grid else ~everywhere
             for step in range(-self.ntrial, self.ntrial + 1):
-                inv = (F32(5) + F32(step) * F32(0.1)) / base
+                inv = (F32(self.center) + F32(step) * F32(self.step)) / base
                 aux, on = self._snap(inv, xval, waux, F32(1) / inv, everywhere)
                 sumqx, sumq2 = self._sums(weight, xval, aux)
                 better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
@@ -1451,107 +1267,208 @@ class _IQ2(BlockType):
                 best = np.where(better, scale * sumqx, best)
                 index = np.where(better[:, None], aux, index)
                 on_grid = np.where(better[:, None], on, on_grid)
-            want = everywhere if self.redo_all else ~on_grid
-            redo = want.any(1) & (scale > 0)
+            redo = ((~on_grid).any(1) | (self.redo == 2)) & (scale > 0)
             if redo.any():
-                want = want & redo[:, None]
+                want = (everywhere if self.redo else ~on_grid) & redo[:, None]
                 fresh, _ = self._snap(F32(1) / scale, xval, waux, scale, want)
                 index = np.where(want, fresh, index)
                 sumqx, sumq2 = self._sums(weight, xval, index)
-                scale = np.where(redo & (sumq2 > 0), sumqx / sumq2, scale).astype(F32)
+                scale = np.where(redo & (sumq2 > 0), sumqx / sumq2, scale)
         return scale.astype(F32), index
 
+    def _search(self, xval, weight, base, start):
+        nat = _native()
+        if nat:
+            scale, index = nat.search_grid(xval, weight, base, start, self)
+            return scale, index.astype(np.int64)
+        return self._search_numpy(xval, weight, base, start)
+
+    def _fold(self, xb, weight):
+        """(|x| with folded signs, negative mask [S, sub]): ggml flips the least important weight (smallest
+        w x^2, the first on ties) of a group of 8 with an odd count of negatives when signs are folded."""
+        neg = ~(xb >= 0)
+        xval = np.where(neg, -xb, xb)
+        if not self.fold_signs:
+            return xval, neg
+        S = xb.shape[0]
+        odd = (neg.reshape(S, -1, 8).sum(-1) % 2) == 1
+        imin = np.argmin((weight * xb * xb).reshape(S, -1, 8), axis=-1)
+        flip = (odd[..., None] & (np.arange(8) == imin[..., None])).reshape(S, -1)
+        return np.where(flip, -xval, xval), neg ^ flip
+
     def _fit(self, x, qw):
-        if qw is None:
+        if qw is None and self.needs_importance:
             raise LowbitError(f"{self.name} needs an importance matrix, as in llama.cpp: pass --imatrix FILE "
                               "(lowbit imatrix writes one)")
         self.tables
         flat = x.reshape(-1, QK_K)
         xb = flat.reshape(-1, self.sub)                                 # sub-blocks [S, sub]
-        S, g = xb.shape[0], self.sub // 8
         per = QK_K // self.sub
-        sigma2 = (rows_sum(flat * flat) / F32(QK_K)).repeat(per)[:, None]
+        sigma2 = (F32(self.sigma_scale) * rows_sum(flat * flat) / F32(QK_K)).repeat(per)[:, None]
         with np.errstate(invalid="ignore", over="ignore"):
-            weight = (qw.reshape(-1, self.sub) * np.sqrt(sigma2 + xb * xb)).astype(F32)
-        neg = ~(xb >= 0)
-        xval = np.where(neg, -xb, xb)
-        ng = neg.reshape(S, g, 8)
-        odd = (ng.sum(-1) % 2) == 1                                     # [S, g]
-        imin = np.argmin((weight * xb * xb).reshape(S, g, 8), axis=-1)
-        flip = odd[..., None] & (np.arange(8) == imin[..., None])       # [S, g, 8]
-        xval = np.where(flip.reshape(S, -1), -xval, xval).astype(F32)
-        sign = ng ^ flip
-        block_signs = (sign.astype(np.int64) << np.arange(8)).sum(-1) & 127   # [S, g]
+            weight = (self._plain_weights(xb, sigma2) if qw is None
+                      else qw.reshape(-1, self.sub) * np.sqrt(sigma2 + xb * xb)).astype(F32)
+        xval, neg = self._fold(xb, weight)
         mx = xval.max(axis=1)
         base, scale = self._start(xval, weight, mx)
-        live = (mx >= GROUP_MAX_EPS) & (base > 0)
+        live = (mx >= F32(self.max_eps)) & (mx != 0) & (base > 0)
         scale = np.where(live, scale, F32(0)).astype(F32)
-        index = np.zeros((S, g), np.int64)
+        index = np.zeros((xb.shape[0], self.sub // self.group), np.int64)
         if live.any():
             at = np.nonzero(live)[0]
-            nat = _native()
-            if nat:
-                sc, ix = nat.search_iq2(xval[at], weight[at], base[at], scale[at], self.ntrial, self.redo_all,
-                                        self._points, self._kmap32, self._tables[2])
-            else:
-                sc, ix = self._search_numpy(xval[at], weight[at], base[at], scale[at])
-            scale[at], index[at] = sc, ix
+            scale[at], index[at] = self._search(xval[at], weight[at], base[at], scale[at])
         negative = scale < 0
         scale = np.where(negative, -scale, scale)
-        block_signs = np.where(negative[:, None], ~block_signs & 127, block_signs)
-        block_signs[~live] = 0
-        per_block = scale.reshape(-1, per)
-        max_scale = np.maximum(per_block.max(axis=1), F32(0))
+        neg = np.where(negative[:, None], ~neg, neg) & live[:, None]
+        d, ls = self._block_scales(scale.reshape(-1, per))
+        index, neg = self._arrange(index, neg, live)
+        L = self.tables[0][index].reshape(xb.shape)
+        codes = (L + (self.qmax + 1) // 2 * neg).reshape(-1, QK_K)
+        if self.clear_zero_blocks:  # a block whose scales are all 0 gets zero grid bytes and signs
+            codes[~(scale.reshape(-1, per).max(axis=1) > 0)] = 0
+        return {"d": to_fp16(d), "scales": ls.astype(np.uint8), "search_codes": codes.astype(np.uint8)}
+
+    def _block_scales(self, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-block scales [B, per] -> (d float32 [B] as stored, with the fudge; 4-bit ls [B, per])."""
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
         with np.errstate(divide="ignore", invalid="ignore"):
             d = (max_scale / F32(31)).astype(F32)
             inv = F32(1) / d
-            ls = np.clip(nearest_int(F32(0.5) * (inv[:, None] * per_block - F32(1))), 0, 15)
-        zero_block = max_scale == 0
-        ls[zero_block] = 0
-        d = np.where(zero_block, F32(0), d).astype(F32)
-        L = self.tables[0][index].reshape(S, -1)                         # [S, sub]
-        signs = _iq3_sign_bits(block_signs)                             # [S, sub] bool, parity bit included
-        codes = (L + 3 * signs).reshape(-1, QK_K)
-        codes[zero_block] = 0
-        return {"d": to_fp16(d), "scales": ls.astype(np.uint8), "search_codes": codes.astype(np.uint8)}
+            ls = np.clip(nearest_int(F32(0.5) * (inv[:, None] * scales - F32(1))), 0, 15)
+        zero = max_scale == 0
+        ls[zero] = 0
+        return np.where(zero, F32(0), d * F32(self.d_fudge)).astype(F32), ls
+
+    def _arrange(self, index, neg, live):
+        """Where ggml's writes put each sub-block's grid indices and signs (as searched, except in IQ3_S)."""
+        return index, neg
 
     def codes(self, w, params):
         search = params.get("search_codes")
         if search is None:
-            raise LowbitError(f"{self.name}: codes come only from its own search (a group of 8 must lie on the grid)")
+            raise LowbitError(f"{self.name}: codes come only from its own search (a group of {self.group} must "
+                              "lie on the grid)")
         return np.asarray(search, dtype=np.uint8).reshape(np.shape(w)[0], -1)
 
     def _effective(self, p):
         d = np.asarray(p["d"]).astype(F32)[..., None]
-        scale = d * (F32(0.5) + np.asarray(p["scales"]).astype(F32)) * F32(0.25)
+        scale = d * (F32(0.5) + np.asarray(p["scales"]).astype(F32)) * F32(self.unit)
         return scale, _neg_zero(scale)
 
-    def _grid_and_signs(self, codes):
-        """codes [B, 256] -> (grid index [B, 32], 7 sign bits [B, 32]) of the 32 groups of 8."""
-        _, kmap, _, _, _ = self.tables
-        L = (codes % 3).astype(np.int64).reshape(-1, 32, 8)
-        neg = (codes >= 3).astype(np.int64).reshape(-1, 32, 8)
-        grid = kmap[(L << (2 * np.arange(8))).sum(-1)]
-        if (grid < 0).any() or (neg.sum(-1) % 2).any():
-            raise LowbitError(f"{self.name}: codes off the grid or with an odd count of negatives in a group of 8")
-        return grid, (neg[..., :7] << np.arange(7)).sum(-1)
+    # -- packing
 
-    def _codes_from(self, grid, seven):
-        """Inverse of _grid_and_signs: (grid index [B, 32], 7 sign bits [B, 32]) -> codes [B, 256]."""
-        levels = self.tables[0]
-        L = levels[np.asarray(grid).astype(np.int64)]                  # [B, 32, 8]
-        neg = _iq3_sign_bits(np.asarray(seven))                         # [B, 256]
-        return (L.reshape(-1, QK_K) + 3 * neg).astype(np.uint8)
+    def _grid_and_signs(self, codes):
+        """codes [B, 256] -> (grid index [B, 256 / group], stored sign bits [B, 32], 7 or 8 per group of 8)."""
+        kmap = self.tables[1]
+        half = (self.qmax + 1) // 2
+        L = (codes % half).astype(np.int64).reshape(-1, QK_K // self.group, self.group)
+        neg = (codes >= half).astype(np.int64).reshape(-1, 32, 8)
+        grid = kmap[(L << (self.bits * np.arange(self.group))).sum(-1)]
+        if (grid < 0).any() or (self.fold_signs and (neg.sum(-1) % 2).any()):
+            raise LowbitError(f"{self.name}: codes off the grid" + (
+                " or with an odd count of negatives in a group of 8" if self.fold_signs else ""))
+        nbits = 7 if self.fold_signs else 8
+        return grid.astype(np.int64), (neg[..., :nbits] << np.arange(nbits)).sum(-1)
+
+    def _codes_from(self, grid, signs):
+        """Inverse of _grid_and_signs: (grid index [B, 256 / group], stored sign bits [B, 32]) -> codes [B, 256]."""
+        L = self.tables[0][np.asarray(grid).astype(np.int64)].reshape(-1, QK_K)
+        neg = sign_bits(signs, self.fold_signs)
+        return (L + (self.qmax + 1) // 2 * neg).astype(np.uint8)
+
+
+class IQ3_XXS(_GridIQ):
+    """3.06 bpw: sub-blocks of 32, groups of 4 on a 256-point grid (levels 0..7, bytes IQ3XXS_BYTES); per
+    sub-block one uint32: four 7-bit sign groups (bits 7k) and the 4-bit scale (bits 28..31), after the 64 grid
+    bytes. Dequant d * (0.5 + ls) * 0.5 * byte. Trials from max / 15; d stored * 1.0125. Without an importance
+    the weights are x^2 (llama_model_quantize still requires an imatrix for IQ3_XXS tensors: gguf_mix)."""
+
+    name, ggml_type = "IQ3_XXS", gguf.GGMLQuantizationType.IQ3_XXS
+    sub = 32
+    layout = (("d", 2), ("qs", 64), ("signs", 32))
+    kgrid_name, bytes_name = "IQ3XXS_KGRID", "IQ3XXS_BYTES"
+    group, bits, top, nwant = 4, 3, 7, 2
+    center, step, ntrial = 15.0, 0.2, 15
+    max_eps, d_fudge, unit = 1e-8, 1.0125, 0.5
+
+    def _encode(self, p, codes):
+        grid, seven = self._grid_and_signs(codes)                      # [B, 64], [B, 32]
+        word = (seven.reshape(-1, 8, 4) << (7 * np.arange(4))).sum(-1) | (
+            np.asarray(p["scales"]).astype(np.int64).reshape(-1, 8) << 28)
+        return {"d": fp16_bytes(p["d"]), "qs": grid.astype(np.uint8),
+                "signs": np.ascontiguousarray(word.astype("<u4")).view(np.uint8).reshape(-1, 32)}
+
+    def _decode(self, f):
+        word = np.ascontiguousarray(f["signs"]).view("<u4").reshape(-1, 8, 1).astype(np.int64)
+        codes = self._codes_from(f["qs"], ((word >> (7 * np.arange(4))) & 127).reshape(-1, 32))
+        return {"d": fp16_from_bytes(f["d"]), "scales": (word[..., 0] >> 28).astype(np.uint8)}, codes
+
+
+class IQ3_S(_GridIQ):
+    """3.44 bpw: sub-blocks of 32, groups of 4 on a 512-point grid (bytes 2L + 1): the grid index's low byte in
+    qs, its 9th bit in qh (bit k of byte ib for group k of sub-block ib), 8 sign bits per 8 weights, 4-bit
+    scales two to a byte. Dequant d * (1 + 2 ls) * byte. Trials from max / 15 (none improving leaves every
+    group to redo); only an all-zero sub-block is left zero; d stored * 1.033."""
+
+    name, ggml_type = "IQ3_S", gguf.GGMLQuantizationType.IQ3_S
+    sub = 32
+    layout = (("d", 2), ("qs", 64), ("qh", 8), ("signs", 32), ("scales", 4))
+    kgrid_name, bytes_name = "IQ3S_KGRID", "IQ3S_BYTES"
+    group, bits, top, nwant = 4, 3, 7, 3
+    center, step, ntrial = 15.0, 0.2, 9
+    start_on_grid, redo, fold_signs, clear_zero_blocks = False, 1, False, False
+    max_eps, d_fudge = 0.0, 1.033
+
+    def _arrange(self, index, neg, live):
+        """ggml advances its qs / signs write pointers only past sub-blocks it quantized, so each all-zero
+        sub-block shifts the later sub-blocks' grid bytes and signs one slot down (the trailing slots stay
+        zero); the 9th grid bits (qh) and the scales stay at their own sub-block. This reproduces the bytes."""
+        B = live.size // 8
+        alive = live.reshape(B, 8)
+        order = np.argsort(~alive, axis=1, kind="stable")[..., None]
+        kept = np.take_along_axis(alive, order[..., 0], axis=1)[..., None]
+        low = np.take_along_axis((index & 255).reshape(B, 8, -1), order, axis=1) * kept
+        signs = np.take_along_axis(neg.reshape(B, 8, -1), order, axis=1) & kept
+        return (low | (index.reshape(B, 8, -1) & 256)).reshape(index.shape), signs.reshape(neg.shape)
+
+    def _effective(self, p):
+        d = np.asarray(p["d"]).astype(F32)[..., None]
+        scale = d * (1 + 2 * np.asarray(p["scales"]).astype(np.int32)).astype(F32)
+        return scale, _neg_zero(scale)
+
+    def _encode(self, p, codes):
+        grid, signs = self._grid_and_signs(codes)                      # [B, 64], [B, 32]
+        return {"d": fp16_bytes(p["d"]), "qs": (grid & 255).astype(np.uint8),
+                "qh": pack_bits((grid >> 8).reshape(-1, 8, 8), 1, axis=2),
+                "signs": signs.astype(np.uint8),
+                "scales": pack_bits(np.asarray(p["scales"]).reshape(-1, 4, 2), 4, axis=2)}
+
+    def _decode(self, f):
+        high = unpack_bits(f["qh"], 1, 8, axis=2).reshape(-1, 64).astype(np.int64)
+        codes = self._codes_from(f["qs"].astype(np.int64) | (high << 8), f["signs"])
+        return {"d": fp16_from_bytes(f["d"]), "scales": unpack_bits(f["scales"], 4, 2, axis=2).reshape(-1, 8)}, codes
+
+
+class _IQ2(_GridIQ):
+    """IQ2_XXS and IQ2_XS: groups of 8 with folded signs on a 256 / 512-point grid (levels 0..2, bytes IQ2_BYTES),
+    dequant d * (0.5 + ls) * 0.25 * byte; sigma2 is the plain mean x^2. llama.cpp refuses them without an
+    importance (ggml_quantize_requires_imatrix); so does lowbit. GGUF file types IQ2_XXS / IQ2_XS
+    (lowbit.quant.gguf_mix) and --tensor-type targets."""
+
+    needs_importance = True
+    bytes_name = "IQ2_BYTES"
+    sigma_scale = 1.0
 
 
 class IQ2_XXS(_IQ2):
     """2.06 bpw: per sub-block of 32, two uint32 words: four grid bytes (256-point grid), then four 7-bit sign
-    groups (bits 7k) and the 4-bit scale (bits 28..31). Trials start from make_qp_quants' scale over 0..4."""
+    groups (bits 7k) and the 4-bit scale (bits 28..31). Trials start from make_qp_quants' scale over 0..4, and
+    the last pass redoes every group."""
 
     name, ggml_type = "IQ2_XXS", gguf.GGMLQuantizationType.IQ2_XXS
     sub = 32
     layout = (("d", 2), ("qs", 64))
-    kgrid_name, ntrial, redo_all = "IQ2XXS_KGRID", 6, True
+    kgrid_name, ntrial, redo = "IQ2XXS_KGRID", 6, 2
 
     def _start(self, xval, weight, mx):
         scale, _ = rows_positive(xval, 4, weight)
@@ -1559,8 +1476,7 @@ class IQ2_XXS(_IQ2):
 
     def _encode(self, p, codes):
         grid, seven = self._grid_and_signs(codes)                      # [B, 32] each, 4 groups per sub-block
-        grid = grid.reshape(-1, 8, 4)
-        word0 = (grid << (8 * np.arange(4))).sum(-1)
+        word0 = (grid.reshape(-1, 8, 4) << (8 * np.arange(4))).sum(-1)
         word1 = (seven.reshape(-1, 8, 4) << (7 * np.arange(4))).sum(-1) | (
             np.asarray(p["scales"]).astype(np.int64).reshape(-1, 8) << 28)
         words = np.stack([word0, word1], axis=-1).astype("<u4")        # [B, 8, 2]
@@ -1581,29 +1497,51 @@ class IQ2_XS(_IQ2):
     name, ggml_type = "IQ2_XS", gguf.GGMLQuantizationType.IQ2_XS
     sub = 16
     layout = (("d", 2), ("qs", 64), ("scales", 8))
-    kgrid_name, ntrial, redo_all = "IQ2XS_KGRID", 9, False
-
-    def _start(self, xval, weight, mx):
-        return mx.astype(F32), (mx / F32(5)).astype(F32)
+    kgrid_name = "IQ2XS_KGRID"
 
     def _encode(self, p, codes):
         grid, seven = self._grid_and_signs(codes)
         words = (grid | (seven << 9)).astype("<u2")
-        ls = np.asarray(p["scales"]).astype(np.uint8).reshape(-1, 8, 2)
         return {"d": fp16_bytes(p["d"]), "qs": np.ascontiguousarray(words).view(np.uint8).reshape(-1, 64),
-                "scales": (ls[..., 0] | (ls[..., 1] << 4)).astype(np.uint8)}
+                "scales": pack_bits(np.asarray(p["scales"]).reshape(-1, 8, 2), 4, axis=2)}
 
     def _decode(self, f):
         words = np.ascontiguousarray(f["qs"]).view("<u2").reshape(-1, 32).astype(np.int64)
         codes = self._codes_from(words & 511, words >> 9)
-        sc = f["scales"].astype(np.uint8)
-        ls = np.stack([sc & 15, sc >> 4], axis=-1).reshape(-1, 16)
-        return {"d": fp16_from_bytes(f["d"]), "scales": ls.astype(np.uint8)}, codes
+        return {"d": fp16_from_bytes(f["d"]), "scales": unpack_bits(f["scales"], 4, 2, axis=2).reshape(-1, 16)}, codes
+
+
+class IQ2_S(_GridIQ):
+    """2.56 bpw: sub-blocks of 16, groups of 8 on a 1024-point grid (levels 0..2, bytes IQ2_BYTES): the grid
+    index's low byte in qs, one byte of 8 signs per group, the top 2 bits in qh (bits 2(k % 4) of byte k / 4),
+    4-bit scales two to a byte. Dequant d * (0.5 + ls) * 0.25 * byte. Trials from max / 5 onto the nearest
+    neighbours only; without an importance the weights are sigma2 / 4 + x^2; d stored * 0.9875."""
+
+    name, ggml_type = "IQ2_S", gguf.GGMLQuantizationType.IQ2_S
+    sub = 16
+    layout = (("d", 2), ("qs", 32), ("signs", 32), ("qh", 8), ("scales", 8))
+    kgrid_name, bytes_name, nwant = "IQ2S_KGRID", "IQ2_BYTES", 1
+    fold_signs = clear_zero_blocks = False
+    max_eps, d_fudge = 1e-8, 0.9875
+
+    def _plain_weights(self, xb, sigma2):
+        return F32(0.25) * sigma2 + xb * xb
+
+    def _encode(self, p, codes):
+        grid, signs = self._grid_and_signs(codes)                      # [B, 32] each
+        return {"d": fp16_bytes(p["d"]), "qs": (grid & 255).astype(np.uint8), "signs": signs.astype(np.uint8),
+                "qh": pack_bits((grid >> 8).reshape(-1, 8, 4), 2, axis=2),
+                "scales": pack_bits(np.asarray(p["scales"]).reshape(-1, 8, 2), 4, axis=2)}
+
+    def _decode(self, f):
+        high = unpack_bits(f["qh"], 2, 4, axis=2).reshape(-1, 32).astype(np.int64)
+        codes = self._codes_from(f["qs"].astype(np.int64) | (high << 8), f["signs"])
+        return {"d": fp16_from_bytes(f["d"]), "scales": unpack_bits(f["scales"], 4, 2, axis=2).reshape(-1, 16)}, codes
 
 
 TYPES: dict[str, BlockType] = {t.name: t for t in (Q8_0(), Q4_0(), Q4_1(), Q5_0(), Q5_1(),
                                                    Q2_K(), Q3_K(), Q4_K(), Q5_K(), Q6_K(), IQ4_NL(), IQ4_XS(),
-                                                   IQ2_XXS(), IQ2_XS())}
+                                                   IQ2_XXS(), IQ2_XS(), IQ2_S(), IQ3_XXS(), IQ3_S())}
 
 
 def block_type(name: str) -> BlockType:

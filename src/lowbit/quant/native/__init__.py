@@ -45,8 +45,8 @@ _SIGNATURES = {
     "lb_row_sum": [_f32p, _i64, _int, _int, _f32p],
     "lb_search_nonlinear": [_f32p, ctypes.c_void_p, _i64, _int, _f32p, _int, _int, _f32p],
     "lb_best_index": [_f32p, _i64, _f32p, _int, _i32p],
-    "lb_search_iq2": [_f32p, _f32p, _f32p, _f32p, _i64, _int, _int, _int, _f32p, _i32p,
-                      np.ctypeslib.ndpointer(np.uint16, flags="C_CONTIGUOUS"), _f32p, _i32p],
+    "lb_search_grid": [_f32p, _f32p, _f32p, _f32p, _i64, _int, _int, _int, _int, _f32, _f32, _int, _int, _int,
+                       _f32p, _i32p, np.ctypeslib.ndpointer(np.uint16, flags="C_CONTIGUOUS"), _f32p, _i32p],
 }
 
 
@@ -206,17 +206,19 @@ def best_index(v: np.ndarray, levels: np.ndarray) -> np.ndarray:
     return out.reshape(v.shape)
 
 
-def search_iq2(xval: np.ndarray, weights: np.ndarray, base: np.ndarray, start: np.ndarray, ntrial: int,
-               redo_all: bool, points: np.ndarray, kmap: np.ndarray, lists: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """IQ2_XXS / IQ2_XS trials over lanes [N, 32 or 16] (see lb_search_iq2): (scale [N], grid index [N, n/8])."""
+def search_grid(xval: np.ndarray, weights: np.ndarray, base: np.ndarray, start: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
+    """The grid i-quants' trials over lanes [N, n] (see lb_search_grid): (scale [N], grid index [N, n / group]).
+
+    `grid` is the block type (ggml_blocks._GridIQ): its group / bits / top / center / step / ntrial /
+    start_on_grid / redo settings and its tables (points, kmap, lists)."""
     x, w = _f32(xval), _f32(weights)
     n_lanes, n = x.shape
-    if n % 8:
-        raise ValueError(f"lanes of {n} elements; IQ2 groups are 8 wide")
-    scale, index = np.empty(n_lanes, np.float32), np.empty((n_lanes, n // 8), np.int32)
-    library().lb_search_iq2(x, w, np.ascontiguousarray(base, np.float32), np.ascontiguousarray(start, np.float32),
-                            n_lanes, n, ntrial, int(redo_all), np.ascontiguousarray(points, np.float32),
-                            np.ascontiguousarray(kmap, np.int32), np.ascontiguousarray(lists, np.uint16),
-                            scale, index)
+    if n % grid.group:
+        raise ValueError(f"lanes of {n} elements; {grid.name} groups are {grid.group} wide")
+    scale, index = np.empty(n_lanes, np.float32), np.empty((n_lanes, n // grid.group), np.int32)
+    _, kmap, lists, _, _ = grid.tables
+    library().lb_search_grid(x, w, np.ascontiguousarray(base, np.float32), np.ascontiguousarray(start, np.float32),
+                             n_lanes, n, grid.group, grid.bits, grid.top, grid.center, grid.step, grid.ntrial,
+                             int(grid.start_on_grid), grid.redo, grid.points, np.ascontiguousarray(kmap, np.int32),
+                             np.ascontiguousarray(lists, np.uint16), scale, index)
     return scale, index

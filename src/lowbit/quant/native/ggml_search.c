@@ -407,18 +407,27 @@ void lb_row_sum(const float *a, int64_t N, int n, int first, float *out) {
     }
 }
 
-/* ---------------------------------------------------------------- IQ2_XXS / IQ2_XS grid search */
+/* ---------------------------------------------------------------- grid i-quants: IQ2_XXS/XS/S, IQ3_XXS/S */
 
-/* iq2_find_best_neighbour: among the listed grid points (list[0] = count, then indices), the first of the
- * smallest sum of w * (scale * q - x)^2 over a group of 8. */
-static int iq2_best_neighbour(const uint16_t *list, const float *points, const float *x, const float *w,
-                              float scale) {
+/* The grid a search rounds onto, as ggml's iq2xs_init_impl / iq3xs_init_impl keep it: points [G][group] are the
+ * grid's 2L+1 as float; kmap[u] (u packs the group's levels, `bits` each) is the grid index of u, or
+ * -(offset + 1) where lists[offset] = count and the next count entries are u's neighbour indices. */
+typedef struct {
+    int group, bits, top;           /* weights per point, bits per level in u, highest level rounded to */
+    const float *points;
+    const int32_t *kmap;
+    const uint16_t *lists;
+} grid_t;
+
+/* iq2_find_best_neighbour / iq3_find_best_neighbour: among u's listed points, the first of the smallest
+ * sum_i w_i (scale q_i - x_i)^2 over one group. */
+static int grid_best_neighbour(const grid_t *g, const uint16_t *list, const float *x, const float *w, float scale) {
     float best = 3.402823466e+38f;
     int index = -1;
     for (int j = 1; j <= list[0]; j++) {
-        const float *q = points + 8 * (int)list[j];
+        const float *q = g->points + g->group * (int)list[j];
         float d2 = 0.0f;
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < g->group; i++) {
             float diff = scale * q[i] - x[i];
             d2 += w[i] * diff * diff;
         }
@@ -427,25 +436,27 @@ static int iq2_best_neighbour(const uint16_t *list, const float *points, const f
     return index;
 }
 
-/* Round the groups of 8 of one lane at 1/inv onto the grid (levels 0..2; off-grid groups that are `want`ed
- * go to their best neighbour at `scale`); writes the grid index of every wanted group and its on-grid flag. */
-static void iq2_snap(const float *x, const float *waux, int ng, float inv, float scale, const int *want,
-                     const float *points, const int32_t *kmap, const uint16_t *lists, int *index, int *on) {
+/* Round the groups of one lane at 1/inv onto the grid: every wanted group gets the grid index of its rounded
+ * levels, or, off the grid, of its best neighbour at `scale`; on[k] says which it was. */
+static void grid_snap(const grid_t *g, const float *x, const float *waux, int ng, float inv, float scale,
+                      const int *want, int *index, int *on) {
     for (int k = 0; k < ng; k++) {
         if (!want[k]) continue;
+        const float *xk = x + g->group * k;
         int u = 0;
-        for (int i = 0; i < 8; i++) u |= clampi(nearest_int(0.5f * (inv * x[8 * k + i] - 1.0f)), 0, 2) << (2 * i);
-        int32_t m = kmap[u];
+        for (int i = 0; i < g->group; i++)
+            u |= clampi(nearest_int(0.5f * (inv * xk[i] - 1.0f)), 0, g->top) << (g->bits * i);
+        int32_t m = g->kmap[u];
         on[k] = m >= 0;
-        index[k] = m >= 0 ? m : iq2_best_neighbour(lists - m - 1, points, x + 8 * k, waux + 8 * k, scale);
+        index[k] = m >= 0 ? m : grid_best_neighbour(g, g->lists - m - 1, xk, waux + g->group * k, scale);
     }
 }
 
-static void iq2_sums(const float *x, const float *w, int n, const int *index, const float *points, float *sumqx,
-                     float *sumq2) {
+static void grid_sums(const grid_t *g, const float *x, const float *w, int n, const int *index, float *sumqx,
+                      float *sumq2) {
     float sx = 0.0f, s2 = 0.0f;
     for (int i = 0; i < n; i++) {
-        float q = points[8 * index[i / 8] + i % 8];
+        float q = g->points[g->group * index[i / g->group] + i % g->group];
         sx += w[i] * x[i] * q;
         s2 += w[i] * q * q;
     }
@@ -453,40 +464,44 @@ static void iq2_sums(const float *x, const float *w, int n, const int *index, co
     *sumq2 = s2;
 }
 
-/* The trials and last pass of quantize_row_iq2_xxs_impl / quantize_row_iq2_xs_impl over lanes [N][n]
- * (n = 32 or 16) of sign-folded values x and weights w: trial scales base / (5 + 0.1 is), is = -ntrial..ntrial,
- * from the start scale; the last pass redoes every group (redo_all) or those off the grid. points [G][8] are
- * the grid's 2L+1 as float, kmap [1 << 16] and lists as ggml's iq2xs_init_impl keeps them. Writes the
- * (signed) scale and the grid index of every group. Lanes with !(base > 0) are left to the caller. */
-void lb_search_iq2(const float *x, const float *weights, const float *base, const float *start, int64_t N, int n,
-                   int ntrial, int redo_all, const float *points, const int32_t *kmap, const uint16_t *lists,
-                   float *scale_out, int32_t *index_out) {
-    const int ng = n / 8;
+/* The trials and last pass of ggml's quantize_row_{iq2_xxs,iq2_xs,iq2_s,iq3_xxs,iq3_s}_impl over lanes [N][n]
+ * (one sub-block each, n <= 32) of sign-folded magnitudes x and weights w. Trial scales base / (center +
+ * step * is), is = -ntrial..ntrial, starting from `start`; a lane no trial improves keeps start and counts its
+ * groups as on the grid when start_on_grid. The last pass, at the best scale, redoes the groups off the grid
+ * (redo 0), every group when one is off (redo 1, IQ3_S), or every group (redo 2, IQ2_XXS). Writes the signed
+ * scale and the grid index of every group. Lanes with !(base > 0) are the caller's. */
+void lb_search_grid(const float *x, const float *weights, const float *base, const float *start, int64_t N, int n,
+                    int group, int bits, int top, float center, float step, int ntrial, int start_on_grid, int redo,
+                    const float *points, const int32_t *kmap, const uint16_t *lists, float *scale_out,
+                    int32_t *index_out) {
+    const grid_t g = {group, bits, top, points, kmap, lists};
+    const int ng = n / group;
     for (int64_t k = 0; k < N; k++) {
         const float *xs = x + k * n, *w = weights + k * n;
         float waux[MAXN];
         for (int i = 0; i < n; i++) waux[i] = sqrtf(w[i]);
-        int index[MAXN / 8] = {0}, on[MAXN / 8], aux[MAXN / 8], aux_on[MAXN / 8], want[MAXN / 8];
-        for (int g = 0; g < ng; g++) { on[g] = 1; want[g] = 1; }
+        int index[MAXN] = {0}, on[MAXN], aux[MAXN], aux_on[MAXN], want[MAXN];
+        for (int j = 0; j < ng; j++) { on[j] = start_on_grid; want[j] = 1; }
         float scale = start[k], best = 0.0f, sumqx, sumq2;
         for (int is = -ntrial; is <= ntrial; is++) {
-            float inv = (5.0f + (float)is * 0.1f) / base[k];
-            iq2_snap(xs, waux, ng, inv, 1.0f / inv, want, points, kmap, lists, aux, aux_on);
-            iq2_sums(xs, w, n, aux, points, &sumqx, &sumq2);
+            float inv = (center + (float)is * step) / base[k];
+            grid_snap(&g, xs, waux, ng, inv, 1.0f / inv, want, aux, aux_on);
+            grid_sums(&g, xs, w, n, aux, &sumqx, &sumq2);
             if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
                 scale = sumqx / sumq2;
                 best = scale * sumqx;
-                for (int g = 0; g < ng; g++) { index[g] = aux[g]; on[g] = aux_on[g]; }
+                for (int j = 0; j < ng; j++) { index[j] = aux[j]; on[j] = aux_on[j]; }
             }
         }
-        int any = 0;
-        for (int g = 0; g < ng; g++) { want[g] = redo_all || !on[g]; any |= want[g]; }
-        if (any && scale > 0.0f) {
-            iq2_snap(xs, waux, ng, 1.0f / scale, scale, want, points, kmap, lists, index, aux_on);
-            iq2_sums(xs, w, n, index, points, &sumqx, &sumq2);
+        int off = 0;
+        for (int j = 0; j < ng; j++) off |= !on[j];
+        if ((off || redo == 2) && scale > 0.0f) {
+            for (int j = 0; j < ng; j++) want[j] = redo ? 1 : !on[j];
+            grid_snap(&g, xs, waux, ng, 1.0f / scale, scale, want, index, aux_on);
+            grid_sums(&g, xs, w, n, index, &sumqx, &sumq2);
             if (sumq2 > 0.0f) scale = sumqx / sumq2;
         }
         scale_out[k] = scale;
-        for (int g = 0; g < ng; g++) index_out[k * ng + g] = index[g];
+        for (int j = 0; j < ng; j++) index_out[k * ng + j] = index[j];
     }
 }
