@@ -11,6 +11,9 @@ benchmarks/results/<name>.{json,md}.
     python benchmarks/gguf_kquants.py                                  # Q4_K_M, Q3_K_M, Q2_K
     python benchmarks/gguf_kquants.py --types Q8_0,Q6_K,Q5_K_M --methods gptq
     python benchmarks/gguf_kquants.py --types IQ4_XS,IQ4_NL --samples 32 --methods rtn,gptq,awq-gptq --name gguf_iquants
+
+The i-quant types llama.cpp will not write without an importance matrix (IQ2_XXS, IQ2_XS, IQ3_XXS: gguf_mix's
+IMATRIX_TYPES) get no no-imatrix llama.cpp row, and every lowbit method is given the imatrix for them.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lowbit.eval.data import load_tokenizer  # noqa: E402
 from lowbit.formats.gguf import GGUFWeights, hf_folder_to_gguf  # noqa: E402
 from lowbit.formats.imatrix import write_imatrix_gguf  # noqa: E402
 from lowbit.model.default import cache_dir, resolve_model  # noqa: E402
+from lowbit.quant.gguf_mix import IMATRIX_TYPES  # noqa: E402
 from lowbit.report.table import Row, table_cells, with_delta  # noqa: E402
 
 
@@ -185,12 +189,14 @@ def main() -> int:
         meta["imatrix_seconds"] = round(time.perf_counter() - t0, 1)
         f32 = hf_folder_to_gguf(model_dir, work / "model-f32.gguf")
         for ft in types:
-            rows.append(llamacpp_row(session, f32, ft, None, work))
+            needs_imatrix = ft in IMATRIX_TYPES  # llama.cpp (and lowbit) refuse these without one
+            if not needs_imatrix:
+                rows.append(llamacpp_row(session, f32, ft, None, work))
             rows.append(llamacpp_row(session, f32, ft, imatrix, work))
             for spec in filter(None, args.methods.split(",")):
                 method, _, flag = spec.partition("+")  # gptq+imatrix: the imatrix also reaches a calibrated method
-                rows.append(lowbit_row(session, model_dir, ft, method, calib_npy,
-                                       imatrix if method == "rtn" or flag == "imatrix" else None, work))
+                use = method == "rtn" or flag == "imatrix" or needs_imatrix
+                rows.append(lowbit_row(session, model_dir, ft, method, calib_npy, imatrix if use else None, work))
                 write_results(args, meta, rows)
     write_results(args, meta, rows)
     print((HERE / "results" / f"{args.name}.md").read_text())
