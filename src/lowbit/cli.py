@@ -137,7 +137,8 @@ def quantize(
                             "(fp8-gptq: calibrated) is FP8 e4m3 with per-row scales (--fp8-activations)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0, "
-                                  "IQ4_XS, IQ4_NL, IQ2_XS, IQ2_XXS; the IQ2 types need --imatrix)."),
+                                  "IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS, IQ2_XXS; the IQ2 types need --imatrix, "
+                                  "IQ3_XXS one for its IQ3_XXS / IQ2_S tensors)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
                                            "lowbit .safetensors) weighting llama.cpp's block search."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "
@@ -159,8 +160,8 @@ def quantize(
     """Quantize MODEL and write a lowbit checkpoint (packed safetensors + lowbit.json), or a GGUF.
 
     With --format gguf, --type picks llama.cpp's mix and --method how tensors land on its block grids
-    (rtn = llama.cpp's own search; gptq / awq = calibrated; IQ2 tensors always get llama.cpp's search, with
-    the --imatrix they require). --bits/--group-size do not apply there.
+    (rtn = llama.cpp's own search; gptq / awq = calibrated; IQ2 / IQ3 tensors always get llama.cpp's search,
+    with the --imatrix llama.cpp requires for them). --bits/--group-size do not apply there.
     A killed run resumes from its last finished layer when started again with the same arguments.
     """
     _use_device(device, offload_activations, trust_remote_code)

@@ -738,7 +738,8 @@ def hf_folder_to_gguf(model_dir: Path, out_path: Path, file_type: str = "F32") -
 # The activation format ggml's CPU dot product converts a matmul's input to, by weight type.
 VEC_DOT_TYPE = {"Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "Q4_1": "Q8_1", "Q5_1": "Q8_1",
                 "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "F16": "F16",
-                "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K", "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K"}
+                "IQ4_NL": "Q8_0", "IQ4_XS": "Q8_K", "IQ2_XXS": "Q8_K", "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K",
+                "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K"}
 
 
 def round_activations(x: torch.Tensor, vec_dot_type: str | None) -> torch.Tensor:

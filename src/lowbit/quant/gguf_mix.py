@@ -12,12 +12,22 @@ overrides the mix for matching tensors, as llama-quantize's option does.
 
 The rules below are re-stated from llama.cpp's `llama_tensor_get_type` for the
 dense (non-MoE, non-Falcon) Llama family this project handles, for the legacy,
-K-quant, IQ4_NL / IQ4_XS and IQ2_XXS / IQ2_XS file types (IQ4_XS's and IQ2's
-256-element super-blocks fall back to IQ4_NL's 32-element blocks). The IQ2 mixes
-keep the head / tied embedding at Q5_K (Q8_0 when its width is not a multiple
-of 256), an untied token_embd at Q2_K, attn_v at Q4_K (n_gqa >= 4) or Q2_K, and
-the first n_layer/8 ffn_down at Q2_K; llama.cpp, and lowbit, refuse them
-without an imatrix (`IMATRIX_TYPES`).
+K-quant, IQ4_NL / IQ4_XS, IQ2_XXS / IQ2_XS and IQ3_XXS file types (the
+256-element super-blocks of IQ4_XS and of the grid i-quants fall back to
+IQ4_NL's 32-element blocks). The IQ2 mixes keep the head / tied embedding at
+Q5_K (Q8_0 when its width is not a multiple of 256), an untied token_embd at
+Q2_K, attn_v at Q4_K (n_gqa >= 4) or Q2_K, and the first n_layer/8 ffn_down at
+Q2_K. The IQ3_XXS mix keeps the head / tied embedding at Q5_K (or Q8_0) too, an
+untied token_embd and attn_output at IQ3_S, attn_q / attn_k at IQ2_S, attn_v at
+Q4_K (n_gqa >= 4), else IQ3_XXS with an imatrix and IQ3_S without, and without
+an imatrix ffn_down at Q4_K in the first n_layer/8 layers and Q3_K after.
+
+Like llama_model_quantize (tensor_requires_imatrix), lowbit refuses a plan with
+a tensor of an `IMATRIX_TYPES` type (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS) and no
+imatrix for it. So the IQ2 file types always need one; IQ3_XXS needs one
+unless the shape fallback leaves no such tensor (SmolLM2's 576-wide attention
+and gate/up rows fall back to IQ4_NL, its ffn_down to Q4_K / Q3_K without an
+imatrix), where llama.cpp writes the file without one and so does lowbit.
 """
 
 from __future__ import annotations
@@ -33,17 +43,19 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q8_0": ("Q8_0", 7), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
     "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11), "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13),
     "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
-    "Q6_K": ("Q6_K", 18), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20), "IQ4_NL": ("IQ4_NL", 25),
-    "IQ4_XS": ("IQ4_XS", 30),
+    "Q6_K": ("Q6_K", 18), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20), "IQ3_XXS": ("IQ3_XXS", 23),
+    "IQ4_NL": ("IQ4_NL", 25), "IQ4_XS": ("IQ4_XS", 30),
 }
 BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-               "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS")
-# Block types llama.cpp will not write without an importance (tensor_requires_imatrix, for these file types).
-IMATRIX_TYPES = ("IQ2_XXS", "IQ2_XS")
+               "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+# Block types llama_model_quantize will not write without an importance (tensor_requires_imatrix: any tensor of
+# these types but token_embd / output, whatever the file type; IQ3_S is not among them).
+IMATRIX_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")
 IQ2_FILE_TYPES = ("IQ2_XXS", "IQ2_XS")
 # What llama.cpp falls back to when a row is not a multiple of the type's block.
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-                  "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL"}
+                  "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
+                  "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL"}
 
 
 @dataclass(frozen=True)
@@ -120,11 +132,11 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
     if cat == "output" or (st.tied and cat == "token_embd"):
         if info.n_cols % _block_size(qtype) != 0:
             return "Q8_0"
-        if ftype in IQ2_FILE_TYPES:
+        if ftype in IQ2_FILE_TYPES or ftype == "IQ3_XXS":
             return "Q5_K"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
-        return "Q2_K" if ftype in IQ2_FILE_TYPES else qtype
+        return {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ3_XXS": "IQ3_S"}.get(ftype, qtype)
     if ftype in IQ2_FILE_TYPES:  # llama.cpp's own branch for its lowest-bit types: no other rule applies
         if cat == "attn_v":
             st.i_attn_v += 1
@@ -139,6 +151,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
         st.i_attn_v += 1
         if ftype == "Q2_K":
             return "Q4_K" if n_gqa >= 4 else "Q3_K"
+        if ftype == "IQ3_XXS":
+            return "Q4_K" if n_gqa >= 4 else ("IQ3_XXS" if has_imatrix else "IQ3_S")
         if ftype == "Q3_K_M":
             return "Q5_K" if i < 2 else "Q4_K"
         if ftype == "Q3_K_L":
@@ -155,6 +169,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
         st.i_ffn_down += 1
         if ftype == "Q2_K":
             return "Q3_K"
+        if ftype == "IQ3_XXS" and not has_imatrix:
+            return "Q4_K" if i < n // 8 else "Q3_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if i < n // 16 else "Q4_K"
         if ftype == "Q3_K_L":
@@ -170,8 +186,10 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
         if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and i < n // 8:
             return "Q5_K"
         return qtype
+    if cat in ("attn_q", "attn_k"):
+        return "IQ2_S" if ftype == "IQ3_XXS" else qtype
     if cat == "attn_output":
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, qtype)
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S"}.get(ftype, qtype)
     return qtype
 
 

@@ -17,12 +17,12 @@ lands on its block grid:
   autoround llama.cpp's block fits, and AutoRound's learned rounding on the block's output error against
         the float model's (lowbit.quant.autoround_blocks; i-quant tensors keep llama.cpp's search).
 
-IQ2_XXS / IQ2_XS (their tensors of those types, in any mix) need --imatrix, as in llama.cpp: refused
-before any work without one (require_imatrix). Their codes are points of a grid of 8 weights at a
-time, which GPTQ's one-column-at-a-time rounding cannot target: under gptq / awq-gptq / autoround those
-tensors get llama.cpp's imatrix-weighted search (on AWQ's smoothed weights and statistics after
-awq-gptq), on inputs that went through the already quantized layers, while GPTQ handles the
-K-quant / IQ4 tensors of the same mix.
+IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS tensors (in any mix) need --imatrix, as in llama.cpp: refused
+before any work without one (require_imatrix). The codes of the grid i-quants (those and IQ3_S) are
+points of a grid of 4 or 8 weights at a time, which GPTQ's one-column-at-a-time rounding cannot
+target: under gptq / awq-gptq / autoround those tensors get llama.cpp's search (imatrix-weighted when
+there is one; on AWQ's smoothed weights and statistics after awq-gptq), on inputs that went through the
+already quantized layers, while GPTQ handles the K-quant / IQ4 tensors of the same mix.
 
 The run is sequential and resumable like lowbit's own checkpoints: each
 finished layer's rows go to `.OUT.partial/`, and the GGUF is written
@@ -398,8 +398,10 @@ PROXY_GRID = {"Q8_0": GridConfig(8, 32), "Q4_0": GridConfig(4, 32), "Q5_0": Grid
               "Q4_1": GridConfig(4, 32, False), "Q5_1": GridConfig(5, 32, False), "Q2_K": GridConfig(2, 32, False),
               "Q3_K": GridConfig(3, 32), "Q4_K": GridConfig(4, 32, False), "Q5_K": GridConfig(5, 32, False),
               "Q6_K": GridConfig(6, 32), "IQ4_NL": GridConfig(4, 32), "IQ4_XS": GridConfig(4, 32),
-              # IQ2: ~2 bits, sign and magnitude per weight; Q2_K's stand-in (the final rounding is llama.cpp's search)
-              "IQ2_XXS": GridConfig(2, 32, False), "IQ2_XS": GridConfig(2, 32, False)}
+              # grid i-quants: sign and magnitude per weight; Q2_K's / Q3_K's stand-ins (the final rounding is
+              # llama.cpp's search)
+              "IQ2_XXS": GridConfig(2, 32, False), "IQ2_XS": GridConfig(2, 32, False),
+              "IQ2_S": GridConfig(2, 32, False), "IQ3_XXS": GridConfig(3, 32), "IQ3_S": GridConfig(3, 32)}
 
 
 def _fake_block(qtype: str) -> Callable[[torch.Tensor], torch.Tensor]:
