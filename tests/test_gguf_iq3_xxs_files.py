@@ -231,7 +231,7 @@ def test_mix_rules_and_full_model_plan(model_dir: Path) -> None:
         "blk.0.attn_output.weight": "IQ3_S"}
 
 
-@pytest.mark.slow  # ~10 min on 2 loaded cores: both quantizers over the whole 30-layer model
+@pytest.mark.slow  # ~2 min on 2 cores: both quantizers over the whole 30-layer model
 def test_whole_real_model_iq3_xxs_equals_llamacpp(model_dir: Path, tmp_path: Path) -> None:
     """The whole real model (its own vocabulary), IQ3_XXS with a random imatrix on every decoder linear:
     llama.cpp's types and bytes, tensor for tensor."""
