@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -263,7 +263,7 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
             qtype = types[names[m]]
             # a given imatrix describes the unsmoothed inputs: after AWQ use the smoothed statistics
             imps[m] = _stats_importance(stats, m) if gcfg.smooths else _importance(imatrix, names[m])
-            if gcfg.uses_gptq and qtype not in FLOAT_TYPES and not block_type(qtype).search_only:
+            if gcfg.uses_gptq and qtype not in FLOAT_TYPES:
                 key = (qtype, None if imps[m] is None else np.ascontiguousarray(imps[m], np.float32).tobytes())
                 gptq_sets.setdefault(key, []).append(m)
                 continue
@@ -367,17 +367,21 @@ def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
     """GPTQ of one input group: factor its Hessian once, then each set of linears that share a block
     type and an importance as one stacked matrix (rows are independent given H, and in every ggml
     block fit, so this is exactly the per-linear result, with one column loop instead of three).
-    Returns (raw, dequantized) per linear in the sets' order."""
+    Returns (raw, dequantized) per linear in the sets' order. The lattice i-quants (IQ2_*, IQ3_*: a group
+    of 4 or 8 weights is one grid point) are swept a group at a time in natural column order, so for them
+    act-order is ignored (a second, natural-order factorization when the others use act-order)."""
     on_numpy = not isinstance(hessian, torch.Tensor)
     H = torch.from_numpy(hessian) if on_numpy else hessian
     out = []
-    fh = None
+    factors: dict[bool, object] = {}
     for qtype, imp, weights in sets:
         ws = [torch.from_numpy(a) for a in weights] if on_numpy else weights
-        if fh is None:
-            fh = factor_hessian(H, ws[0].shape[1], name, gptq)
+        bt = block_type(qtype)
+        cfg = replace(gptq, act_order=False) if bt.search_only else gptq
+        if cfg.act_order not in factors:
+            factors[cfg.act_order] = factor_hessian(H, ws[0].shape[1], name, cfg)
         stacked = torch.cat(ws) if len(ws) > 1 else ws[0]
-        res = quantize_block_gptq(stacked, fh, block_type(qtype), imp, gptq)
+        res = quantize_block_gptq(stacked, factors[cfg.act_order], bt, imp, cfg)
         start = 0
         for wi in ws:
             rows = wi.shape[0]

@@ -69,9 +69,16 @@ def quantize_block_gptq(weight: torch.Tensor, fh: FactoredHessian, btype: BlockT
     W[:, fh.dead.to(W.device)] = 0.0
     imp = fh.diag if importance is None else np.asarray(importance, dtype=np.float32)
     n = W.shape[1]
+    lazy = max(btype.block, (gptq.block_size // btype.block) * btype.block)
+    if btype.search_only:
+        if not bool((fh.perm.cpu() == torch.arange(n)).all()):
+            raise ValueError(f"{btype.name}: GPTQ onto a lattice grid needs the natural column order (no act-order)")
+        with single_thread():
+            params, codes = quantize_lattice_gptq(W, fh, btype, imp, lazy)
+        raw = btype.pack(params, codes)
+        return BlockResult(btype.name, raw, torch.from_numpy(btype.dequantize(raw, n)).to(weight.device))
     static = btype.fit(W.cpu().numpy(), imp) if gptq.act_order else None
     W = W[:, fh.perm.to(W.device)].contiguous()
-    lazy = max(btype.block, (gptq.block_size // btype.block) * btype.block)
     with single_thread():
         codes, params = _column_loop(W, fh.U.to(W.device), fh.perm.cpu(), btype, imp, lazy, static)
     inv = torch.argsort(fh.perm.cpu())
@@ -135,3 +142,81 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bty
     c = torch.where(scale == 0, torch.full_like(c, btype.zero), c).clamp(btype.qmin, btype.qmax)
     q = scale * (c - btype.zero) + bias
     return c.to(torch.uint8), q
+
+
+# -- the lattice i-quants (IQ2_XXS ... IQ3_S): a group of 4 or 8 weights is one grid point
+
+def quantize_lattice_gptq(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, imp: np.ndarray,
+                          lazy: int) -> tuple[dict, np.ndarray]:
+    """GPTQ onto a lattice grid: (params, codes [out, in]) for `btype.pack`.
+
+    The headers (d and the 4-bit sub-block scales) come from llama.cpp's own search on the original weights
+    (static: the codes cannot move one weight at a time, so a per-block refit mid-sweep buys nothing); the
+    sweep then visits one sign unit at a time (8 weights with folded signs, else one grid group), picks the
+    grid points and signs nearest to the error-updated weights at the sub-block's fixed scale, and pushes
+    each column's error on through U. Natural column order only (fh.perm must be the identity)."""
+    params = btype.fit(W.cpu().numpy(), imp)
+    scale = torch.from_numpy(btype.effective(params)[0]).to(W.device)
+    search = torch.from_numpy(np.asarray(params["search_codes"]).reshape(W.shape)).to(W.device)
+    btype.tables
+    Q = torch.from_numpy(btype.levels[: (btype.qmax + 1) // 2][btype.tables[0]]).to(W.device)  # [points, group]
+    L = torch.from_numpy(np.asarray(btype.tables[0], dtype=np.int64)).to(W.device)
+    unit = 8 if btype.fold_signs else btype.group
+    out, n = W.shape
+    codes = torch.zeros(out, n, dtype=torch.uint8, device=W.device)
+    U = fh.U.to(W.device)
+    for i1 in range(0, n, lazy):
+        i2 = min(i1 + lazy, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(0, i2 - i1, unit):
+            col = i1 + i
+            s = scale[:, col // btype.sub]
+            c, q = _nearest_unit(W1[:, i:i + unit], s, torch.diagonal(U1)[i:i + unit] ** -2, Q, L, btype)
+            live = (s > 0).unsqueeze(1)
+            codes[:, col:col + unit] = torch.where(live, c, search[:, col:col + unit])
+            q = torch.where(live, q, torch.zeros_like(q))
+            for t in range(unit):
+                err = (W1[:, i + t] - q[:, t]) / U1[i + t, i + t]
+                W1[:, i + t:] -= err.unsqueeze(1) * U1[i + t, i + t:].unsqueeze(0)
+                Err1[:, i + t] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return params, codes.cpu().numpy()
+
+
+def _nearest_unit(w: torch.Tensor, s: torch.Tensor, c: torch.Tensor, Q: torch.Tensor, L: torch.Tensor,
+                  btype: BlockType) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and values [rows, unit] of the grid points and signs nearest to w (column weights c = 1/U_ii^2,
+    the GPTQ loss of each column's error) at scale s [rows].
+
+    Each group takes the grid point nearest to |w| (signs follow w). With folded signs an odd count of
+    negatives in the 8 is fixed at the smallest extra cost over all 8 single flips, each with its group's
+    grid point re-chosen for the flipped weight (llama.cpp instead flips its least important weight)."""
+    rows, unit = w.shape
+    g = btype.group
+    a, neg = w.abs(), w < 0
+    idx, best, flip_d, flip_i = [], [], [], []
+    for k in range(0, unit, g):
+        ak, ck = a[:, k:k + g], c[k:k + g]
+        dist = (s * s).unsqueeze(1) * ((Q * Q) @ ck).unsqueeze(0) - 2 * s.unsqueeze(1) * ((ak * ck) @ Q.T)
+        d0, i0 = dist.min(1)
+        idx.append(i0)
+        best.append(d0)
+        if btype.fold_signs:  # flipping weight j of this group: a_j -> -a_j adds 4 s c_j a_j Q[p, j]
+            fd, fi = (dist.unsqueeze(1) + (4 * s.unsqueeze(1) * ck * ak).unsqueeze(2) * Q.T.unsqueeze(0)).min(2)
+            flip_d.append(fd - d0.unsqueeze(1))
+            flip_i.append(fi)
+    index = torch.stack(idx, 1)                                         # [rows, unit / g]
+    if btype.fold_signs:
+        odd = neg.sum(1) % 2 == 1
+        j = torch.cat(flip_d, 1).argmin(1)                              # cheapest single flip
+        r = torch.nonzero(odd).squeeze(1)
+        jr = j[r]
+        neg[r, jr] = ~neg[r, jr]
+        index[r, jr // g] = torch.cat(flip_i, 1)[r, jr]
+    levels = L[index].reshape(rows, unit)
+    half = (btype.qmax + 1) // 2
+    codes = (levels + half * neg.long()).to(torch.uint8)
+    mag = Q[index].reshape(rows, unit)
+    q = s.unsqueeze(1) * mag * torch.where(neg, -1.0, 1.0)
+    return codes, q
