@@ -22,7 +22,7 @@ from lowbit.model.forward import build_rope, decoder_layer, layer_weights
 from lowbit.model.hf import ModelFolder
 from lowbit.quant.ggml_blocks import block_type
 from lowbit.quant.gptq import GPTQConfig
-from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
+from lowbit.quant.gptq_blocks import LATTICE_DAMP, factor_hessian, quantize_block_gptq
 from lowbit.quant.stats import LayerStats
 
 
@@ -30,7 +30,7 @@ from lowbit.quant.stats import LayerStats
 def down(small_model_dir: Path):
     """Layer 1's ffn_down weight, the Hessian of its inputs on 32 calibration samples of 512 tokens (and their
     imatrix row), and the Hessian on 8 held-out samples. With 32 x 128 tokens (4096 for 1536 inputs) GPTQ
-    overfits: 0.49x llama.cpp's output error on the training tokens, 1.01x held out (IQ3_XXS)."""
+    overfits: 0.49x llama.cpp's output error on the training tokens, 1.01x held out (IQ3_XXS, damp 0.01)."""
     folder = ModelFolder(small_model_dir)
     calib = build_calibration(load_tokenizer(small_model_dir), resolve_text(None, "wiki-calib"),
                               CalibConfig(40, 512, 0, "chunk"), 8192)
@@ -56,22 +56,19 @@ def _output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
                                    pytest.param("IQ3_S", marks=pytest.mark.slow),
                                    pytest.param("IQ2_S", marks=pytest.mark.slow)])
 def test_gptq_on_lattice_beats_llamacpp_search(down, qtype: str) -> None:
-    """Held-out output error below llama.cpp's imatrix search (when written, damp 0.01: IQ3_XXS 0.85x, IQ2_XS
-    0.84x; 0.64x on the training tokens); the bytes decode to exactly the returned dequantization."""
+    """Held-out output error below llama.cpp's imatrix search (when written, at the pipeline's LATTICE_DAMP 0.3:
+    IQ3_XXS 0.78x, IQ2_XS 0.78x); the bytes decode (gguf-py) to exactly the returned dequantization."""
     w, H, imatrix, H_test = down
     bt = block_type(qtype)
     search = torch.from_numpy(gguf.quants.dequantize(bt.quantize(w.numpy(), imatrix), bt.ggml_type))
-    cfg = GPTQConfig(act_order=False, block_size=256)
+    cfg = GPTQConfig(act_order=False, block_size=256, damp_percent=LATTICE_DAMP)
     res = quantize_block_gptq(w, factor_hessian(H, w.shape[1], "down", cfg), bt, imatrix, cfg)
     assert res.raw.shape == (w.shape[0], w.shape[1] // bt.block * bt.bytes_per_block)
     assert np.array_equal(gguf.quants.dequantize(res.raw, bt.ggml_type), res.dequantized.numpy())
-    # same headers as llama.cpp's search: only the grid points and signs moved
-    assert np.array_equal(res.raw.reshape(-1, bt.bytes_per_block)[:, :2],
-                          bt.quantize(w.numpy(), imatrix).reshape(-1, bt.bytes_per_block)[:, :2])
     e_gptq, e_search = _output_error(res.dequantized - w, H_test), _output_error(search - w, H_test)
     print(f"{qtype}: held-out output error GPTQ {e_gptq:.4g} vs llama.cpp+imatrix {e_search:.4g} "
           f"({e_gptq / e_search:.2f}x)")
-    assert e_gptq < 0.9 * e_search
+    assert e_gptq < 0.85 * e_search
 
 
 def test_act_order_is_refused_on_lattice(down) -> None:

@@ -56,7 +56,7 @@ from lowbit.quant.ggml_blocks import block_type
 from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, parse_file_type,
                                    parse_overrides)
 from lowbit.quant.gptq import GPTQConfig
-from lowbit.quant.gptq_blocks import factor_hessian, quantize_block_gptq
+from lowbit.quant.gptq_blocks import LATTICE_DAMP, factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
 from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
@@ -369,19 +369,21 @@ def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
     block fit, so this is exactly the per-linear result, with one column loop instead of three).
     Returns (raw, dequantized) per linear in the sets' order. The lattice i-quants (IQ2_*, IQ3_*: a group
     of 4 or 8 weights is one grid point) are swept a group at a time in natural column order, so for them
-    act-order is ignored (a second, natural-order factorization when the others use act-order)."""
+    act-order is ignored and the damping is at least LATTICE_DAMP (a second factorization)."""
     on_numpy = not isinstance(hessian, torch.Tensor)
     H = torch.from_numpy(hessian) if on_numpy else hessian
     out = []
-    factors: dict[bool, object] = {}
+    factors: dict[tuple, object] = {}
     for qtype, imp, weights in sets:
         ws = [torch.from_numpy(a) for a in weights] if on_numpy else weights
         bt = block_type(qtype)
-        cfg = replace(gptq, act_order=False) if bt.search_only else gptq
-        if cfg.act_order not in factors:
-            factors[cfg.act_order] = factor_hessian(H, ws[0].shape[1], name, cfg)
+        cfg = (replace(gptq, act_order=False, damp_percent=max(gptq.damp_percent, LATTICE_DAMP))
+               if bt.search_only else gptq)
+        key = (cfg.act_order, cfg.damp_percent)
+        if key not in factors:
+            factors[key] = factor_hessian(H, ws[0].shape[1], name, cfg)
         stacked = torch.cat(ws) if len(ws) > 1 else ws[0]
-        res = quantize_block_gptq(stacked, factors[cfg.act_order], bt, imp, cfg)
+        res = quantize_block_gptq(stacked, factors[key], bt, imp, cfg)
         start = 0
         for wi in ws:
             rows = wi.shape[0]
