@@ -446,8 +446,8 @@ class BlockType:
     levels: np.ndarray | None = None    # float32 value of each code on a non-linear grid (i-quants)
     layout: tuple[tuple[str, int], ...] = ()  # (field, bytes) in ggml struct order
     needs_importance = False            # refuses to fit without an imatrix row (llama.cpp's IQ2)
-    search_only = False                 # codes come only from the type's own search (grid points of several
-    #                                     weights): GPTQ / AutoRound cannot move one weight at a time
+    search_only = False                 # codes are grid points of several weights: no scalar rounding (AutoRound
+    #                                     keeps the search; GPTQ sweeps whole groups: quantize_lattice_gptq)
 
     @property
     def bytes_per_block(self) -> int:
@@ -1162,8 +1162,10 @@ class _GridIQ(BlockType):
     the grid, moved to the weighted-nearest of its precomputed neighbours; a last pass at the best scale (see
     `redo`); then the sub-block scales quantized against d = max / 31 (stored d * d_fudge). The compiled port
     (lb_search_grid in ggml_search.c) runs the trials when available, about as fast as llama.cpp's own; the
-    numpy reference otherwise (the same bytes, several times slower). GPTQ cannot target these types (a group must stay on the grid): calibrated methods
-    give their tensors llama.cpp's search.
+    numpy reference otherwise (the same bytes, several times slower). Scalar column-wise rounding cannot
+    target these types (a group must stay on the grid; `search_only`): GPTQ sweeps them a grid group at a
+    time instead (lowbit.quant.gptq_blocks.quantize_lattice_gptq, headers from this search, grid points and
+    signs chosen per group); AutoRound gives their tensors this search.
     """
 
     block = QK_K

@@ -19,10 +19,10 @@ lands on its block grid:
 
 IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS tensors (in any mix) need --imatrix, as in llama.cpp: refused
 before any work without one (require_imatrix). The codes of the grid i-quants (those and IQ3_S) are
-points of a grid of 4 or 8 weights at a time, which GPTQ's one-column-at-a-time rounding cannot
-target: under gptq / awq-gptq / autoround those tensors get llama.cpp's search (imatrix-weighted when
-there is one; on AWQ's smoothed weights and statistics after awq-gptq), on inputs that went through the
-already quantized layers, while GPTQ handles the K-quant / IQ4 tensors of the same mix.
+points of a grid of 4 or 8 weights at a time: under gptq / awq-gptq GPTQ sweeps them one grid group
+(sign unit) at a time in natural column order, act-order ignored, damping at least LATTICE_DAMP
+(lowbit.quant.gptq_blocks.quantize_lattice_gptq); under autoround they get llama.cpp's search
+(imatrix-weighted), on inputs that went through the already quantized layers.
 
 The run is sequential and resumable like lowbit's own checkpoints: each
 finished layer's rows go to `.OUT.partial/`, and the GGUF is written

@@ -1,4 +1,5 @@
-"""GPTQ targeting llama.cpp's block grids (Q8_0 ... Q6_K, IQ4_NL, IQ4_XS), so the result is a standard GGUF.
+"""GPTQ targeting llama.cpp's block grids (Q8_0 ... Q6_K, IQ4_NL, IQ4_XS, and the lattice i-quants IQ2_XXS ...
+IQ3_S), so the result is a standard GGUF.
 
 llama.cpp's quantizer (with or without an importance matrix) rounds every
 weight on its own: the best per-block scales, then nearest codes. GPTQ instead
@@ -19,6 +20,10 @@ How a block's parameters are fitted, in column order:
 The fitted parameters and the codes are packed with the type's own `pack`, and
 the returned dequantization is read back from those bytes, so what the
 pipeline propagates is exactly what llama.cpp will compute with.
+
+The lattice i-quants (a group of 4 or 8 weights is one grid point, with sign bits) have no per-weight
+rounding: quantize_lattice_gptq sweeps them one sign unit (8 or 4 columns) at a time in natural column
+order, choosing grid points and signs jointly, then propagating each column's error (as GPTVQ does).
 """
 
 from __future__ import annotations
