@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 
 from llamacpp_judge import llamacpp_vs_lowbit
-from test_gguf_iquants import VOCAB, _check, _compare, _f32_gguf, _imatrix, _save_folder, _toy_vocab
+from test_gguf_iquants import (VOCAB, _check, _compare, _f32_gguf, _imatrix, _save_folder, _toy_vocab,
+                               real_first_layer)
 from test_ggml_blocks import sample_weights
 
 from lowbit.errors import LowbitError
@@ -97,12 +98,7 @@ def real_cut(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def real_layer(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real model's first layer, final norm and first 4096 embedding rows (tied head)."""
-    folder = ModelFolder(model_dir)
-    keep = {n: folder.get(n).float().numpy() for n in folder.names()
-            if not n.startswith("model.layers.") or int(n.split(".")[2]) < 1}
-    keep["model.embed_tokens.weight"] = keep["model.embed_tokens.weight"][:VOCAB]
-    config = {**json.loads((model_dir / "config.json").read_text()), "num_hidden_layers": 1}
-    return _save_folder(tmp_path_factory.mktemp("iq3-real") / "real-1-layer", config, keep)
+    return real_first_layer(model_dir, tmp_path_factory.mktemp("iq3-real"))
 
 
 @pytest.fixture(scope="module")

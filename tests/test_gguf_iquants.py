@@ -78,15 +78,19 @@ def _save_folder(out: Path, config: dict, tensors: dict[str, np.ndarray]) -> Pat
     return out
 
 
-@pytest.fixture(scope="module")
-def real_cut(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real model's first layer, final norm and first 4096 embedding rows (tied head)."""
+def real_first_layer(model_dir: Path, root: Path) -> Path:
+    """The real model's first layer, final norm and first VOCAB embedding rows (tied head), saved under root."""
     folder = ModelFolder(model_dir)
     keep = {n: folder.get(n).float().numpy() for n in folder.names()
             if not n.startswith("model.layers.") or int(n.split(".")[2]) < 1}
     keep["model.embed_tokens.weight"] = keep["model.embed_tokens.weight"][:VOCAB]
     config = {**json.loads((model_dir / "config.json").read_text()), "num_hidden_layers": 1}
-    return _save_folder(tmp_path_factory.mktemp("iq4-real") / "real-1-layer", config, keep)
+    return _save_folder(root / "real-1-layer", config, keep)
+
+
+@pytest.fixture(scope="module")
+def real_cut(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return real_first_layer(model_dir, tmp_path_factory.mktemp("iq4-real"))
 
 
 @pytest.fixture(scope="module")
