@@ -46,17 +46,16 @@ SLOW_XXS = (pytest.param("IQ2_XXS", marks=pytest.mark.slow), "IQ2_XS")
 FTYPE_ID = {"IQ2_XXS": 19, "IQ2_XS": 20}
 
 
-@pytest.fixture(scope="module")
-def synthetic256(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 layers, hidden 256 (8 heads of 32, 2 kv heads: n_gqa 4), ffn 256, untied head; heavy-tailed and
-    corner-case weights."""
+def synthetic_256_folder(model_dir: Path, root: Path, kv_heads: int, seed: int) -> Path:
+    """8 layers, hidden 256 (8 heads of 32, `kv_heads` kv heads), ffn 256, untied head; heavy-tailed and
+    corner-case weights drawn with `seed`. n_gqa (8 / kv_heads) picks llama.cpp's attn_v rule."""
     config = json.loads((model_dir / "config.json").read_text())
-    hidden, ffn, layers = 256, 256, 8
+    hidden, ffn, layers, kv = 256, 256, 8, 32 * kv_heads
     config.update(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)
-    rng = np.random.default_rng(19)
-    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (64, hidden),
-              "self_attn.v_proj": (64, hidden), "self_attn.o_proj": (hidden, hidden),
+                  num_key_value_heads=kv_heads, head_dim=32, tie_word_embeddings=False)
+    rng = np.random.default_rng(seed)
+    shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+              "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
               "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden), "mlp.down_proj": (hidden, ffn)}
     tensors = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, hidden)) * 0.02,
                "lm_head.weight": sample_weights(rng, VOCAB, hidden), "model.norm.weight": np.ones(hidden)}
@@ -65,7 +64,13 @@ def synthetic256(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
             tensors[f"model.layers.{i}.{short}.weight"] = sample_weights(rng, *shape)
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"model.layers.{i}.{norm}.weight"] = np.ones(hidden)
-    return _save_folder(tmp_path_factory.mktemp("iq2-synthetic") / "synthetic-256-8-layers", config, tensors)
+    return _save_folder(root / "synthetic-256-8-layers", config, tensors)
+
+
+@pytest.fixture(scope="module")
+def synthetic256(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 kv heads: n_gqa 4, so attn_v takes llama.cpp's Q4_K rule."""
+    return synthetic_256_folder(model_dir, tmp_path_factory.mktemp("iq2-synthetic"), kv_heads=2, seed=19)
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from llamacpp_judge import llamacpp_vs_lowbit
+from test_gguf_iq2_files import synthetic_256_folder
 from test_gguf_iquants import (VOCAB, _check, _compare, _f32_gguf, _imatrix, _save_folder, _toy_vocab,
                                real_first_layer)
-from test_ggml_blocks import sample_weights
 
 from lowbit.errors import LowbitError
 from lowbit.formats.gguf import open_gguf
@@ -48,29 +47,11 @@ MIX_256 = {"attn_q": "IQ2_S", "attn_k": "IQ2_S", "attn_output": "IQ3_S", "ffn_ga
            "ffn_down": "IQ3_XXS"}
 
 
-def _layer_tensors(hidden: int, kv: int, ffn: int) -> dict[str, tuple[int, int]]:
-    return {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-            "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (ffn, hidden), "mlp.up_proj": (ffn, hidden),
-            "mlp.down_proj": (hidden, ffn)}
-
-
 @pytest.fixture(scope="module")
 def synthetic256(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 layers, hidden 256 (8 heads of 32, 4 KV heads: n_gqa 2), ffn 256, untied head; heavy-tailed and
-    corner-case weights."""
-    config = json.loads((model_dir / "config.json").read_text())
-    hidden, ffn, layers = 256, 256, 8
-    config.update(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=4, head_dim=32, tie_word_embeddings=False)
-    rng = np.random.default_rng(23)
-    tensors = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, hidden)) * 0.02,
-               "lm_head.weight": sample_weights(rng, VOCAB, hidden), "model.norm.weight": np.ones(hidden)}
-    for i in range(layers):
-        for short, shape in _layer_tensors(hidden, 128, ffn).items():
-            tensors[f"model.layers.{i}.{short}.weight"] = sample_weights(rng, *shape)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            tensors[f"model.layers.{i}.{norm}.weight"] = np.ones(hidden)
-    return _save_folder(tmp_path_factory.mktemp("iq3-synthetic") / "synthetic-256-8-layers", config, tensors)
+    """8 layers, hidden 256, 4 KV heads: n_gqa 2, so attn_v is IQ3_XXS with an imatrix (test_gguf_iq2_files's
+    builder)."""
+    return synthetic_256_folder(model_dir, tmp_path_factory.mktemp("iq3-synthetic"), kv_heads=4, seed=23)
 
 
 @pytest.fixture(scope="module")
