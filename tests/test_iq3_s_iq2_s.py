@@ -116,9 +116,9 @@ def test_real_blocks_equal_llamacpp(name, down_proj) -> None:
         assert np.array_equal(bits(t.dequantize(ours, 1536)), bits(gguf.quants.dequantize(ours, t.ggml_type)))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ("IQ3_XXS",))
 def test_corner_cases_equal_llamacpp(name) -> None:
-    """Edge-case rows (zeros, constants, underflow, outliers, ties, zero sub-blocks) without an importance and
+    """IQ3_S, IQ2_S and IQ3_XXS: edge-case rows (zeros, constants, underflow, outliers, ties, zero sub-blocks) without an importance and
     under importances that reach the search's corners: all zero (no trial is ever better), one-hot, ones,
     mostly zero, huge (weights overflow), tiny."""
     t = TYPES[name]

@@ -80,20 +80,6 @@ def test_real_blocks_equal_llamacpp(down_proj) -> None:
         assert same == total, label
 
 
-def test_corner_cases_equal_llamacpp() -> None:
-    """Edge-case rows under the importances of test_iq2.py's corner-case test, and none."""
-    t = TYPES["IQ3_XXS"]
-    rng = np.random.default_rng(7)
-    w = np.concatenate([sample_weights(rng, 16, 512), zero_sub_block_rows(rng, 512)])
-    base = random_importance(rng, 512)
-    imps = {"none": None, "zero": np.zeros(512), "one-hot": np.eye(512)[3], "ones": np.ones(512),
-            "sparse": (rng.random(512) < 0.1) * 1.0, "huge": base * 1e30, "tiny": base * 1e-38}
-    for label, imp in imps.items():
-        imp = None if imp is None else imp.astype(np.float32)
-        same, total = identical(t, t.quantize(w, imp), ggml_quantize(t, w, imp))
-        assert same == total, f"{label}: {same}/{total}"
-
-
 @pytest.mark.slow  # ~5-10 s: llama_model_quantize (its IQ2_S table setup alone is seconds); the default suite
 # compares whole IQ3_XXS files in test_gguf_iq3_xxs_files.py
 def test_blocks_equal_llama_model_quantize(tmp_path) -> None:
