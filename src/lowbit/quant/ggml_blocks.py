@@ -447,6 +447,7 @@ class BlockType:
     layout: tuple[tuple[str, int], ...] = ()  # (field, bytes) in ggml struct order
     needs_importance = False            # refuses to fit without an imatrix row (llama.cpp's IQ2)
     search_only = False                 # codes are grid points of several weights: no scalar rounding (AutoRound
+    header_model = None                 # a HeaderModel where the header is d * table[ls] (header_refit)
     #                                     keeps the search; GPTQ sweeps whole groups: quantize_lattice_gptq)
 
     @property
@@ -1344,6 +1345,15 @@ class _GridIQ(BlockType):
     def _arrange(self, index, neg, live):
         """Where ggml's writes put each sub-block's grid indices and signs (as searched, except in IQ3_S)."""
         return index, neg
+
+    @property
+    def header_model(self):
+        """fp16 d per super-block times a 4-bit sub-block scale: what lowbit.quant.header_refit refits."""
+        from lowbit.quant.header_refit import HeaderModel
+
+        ls = np.arange(16)[None, None, :]
+        factors = self._effective({"d": np.ones((1, 1), F32), "scales": ls})[0].reshape(16)
+        return HeaderModel("d", "scales", factors.astype(np.float64))
 
     def codes(self, w, params):
         search = params.get("search_codes")

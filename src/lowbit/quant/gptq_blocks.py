@@ -55,16 +55,23 @@ class FactoredHessian:
     perm: torch.Tensor  # column-visit order
     dead: torch.Tensor  # bool [in]: inputs that never fire
     diag: np.ndarray  # float32 [in]: diag(H) in original column order, the fit's importance
+    H: torch.Tensor | None = None  # float32 [in, in] damped H in original column order, for header_refit
 
 
-def factor_hessian(stats: object, n_in: int, name: str, gptq: GPTQConfig) -> FactoredHessian:
+def factor_hessian(stats: object, n_in: int, name: str, gptq: GPTQConfig,
+                   keep_hessian: bool = False) -> FactoredHessian:
+    """`keep_hessian` also keeps the damped H (n_in^2 floats more) for the lattice types' header refit."""
     H = _hessian_of(stats, n_in, name).clone()
     dead = torch.diagonal(H) == 0
     _handle_dead_columns(H, torch.zeros(0, n_in, device=H.device))
     diag = torch.diagonal(H).float().cpu().numpy().copy()
+    kept = None
+    if keep_hessian:
+        kept = H.float().clone()
+        kept.diagonal().add_(gptq.damp_percent * float(torch.diagonal(H).mean()))
     perm = _column_order(H, gptq.act_order)
     H = H[perm][:, perm]
-    return FactoredHessian(_inverse_cholesky_upper(H, gptq, name), perm, dead, diag)
+    return FactoredHessian(_inverse_cholesky_upper(H, gptq, name), perm, dead, diag, kept)
 
 
 def quantize_block_gptq(weight: torch.Tensor, fh: FactoredHessian, btype: BlockType,
@@ -79,7 +86,7 @@ def quantize_block_gptq(weight: torch.Tensor, fh: FactoredHessian, btype: BlockT
         if not bool((fh.perm.cpu() == torch.arange(n)).all()):
             raise ValueError(f"{btype.name}: GPTQ onto a lattice grid needs the natural column order (no act-order)")
         with single_thread():
-            params, codes = quantize_lattice_gptq(W, fh, btype, imp, lazy)
+            params, codes = _lattice_with_refit(W, fh, btype, imp, lazy)
         raw = btype.pack(params, codes)
         return BlockResult(btype.name, raw, torch.from_numpy(btype.dequantize(raw, n)).to(weight.device))
     static = btype.fit(W.cpu().numpy(), imp) if gptq.act_order else None
@@ -151,6 +158,21 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bty
 
 # -- the lattice i-quants (IQ2_XXS ... IQ3_S): a group of 4 or 8 weights is one grid point
 
+def _lattice_with_refit(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, imp: np.ndarray,
+                        lazy: int) -> tuple[dict, np.ndarray]:
+    """The lattice sweep; where fh keeps H, then its headers refitted to the output error (header_refit), one
+    more sweep at those headers, and a last refit (a second extra round gains < 0.2% on the real ffn_down)."""
+    target = W.clone()
+    params, codes = quantize_lattice_gptq(W, fh, btype, imp, lazy)
+    if fh.H is None or btype.header_model is None:
+        return params, codes
+    from lowbit.quant.header_refit import refit_headers
+
+    params = refit_headers(target, fh.H, btype, params, codes)
+    _, codes = quantize_lattice_gptq(target.clone(), fh, btype, imp, lazy, headers=params)
+    return refit_headers(target, fh.H, btype, params, codes), codes
+
+
 # Hessian damping (fraction of mean diag H) for the lattice types, at least: their coarse grid points move the
 # weights far, and with little damping GPTQ overfits the calibration tokens. Real layer-1 ffn_down, 16k
 # calibration tokens, held-out output error vs llama.cpp's imatrix search (IQ3_XXS / IQ2_XS): damp 0.01
@@ -158,7 +180,7 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bty
 LATTICE_DAMP = 0.3
 
 def quantize_lattice_gptq(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, imp: np.ndarray,
-                          lazy: int) -> tuple[dict, np.ndarray]:
+                          lazy: int, headers: dict | None = None) -> tuple[dict, np.ndarray]:
     """GPTQ onto a lattice grid: (params, codes [out, in]) for `btype.pack`.
 
     When the sweep reaches a super-block (256 columns), llama.cpp's own search (imatrix-weighted) fits its
@@ -167,11 +189,15 @@ def quantize_lattice_gptq(W: torch.Tensor, fh: FactoredHessian, btype: BlockType
     up front on the original weights, IQ3_XXS). The sweep then visits one sign unit at a time (8 weights with
     folded signs, else one grid group), picks the grid points and signs nearest to the error-updated weights at
     the sub-block's fixed scale, and pushes each column's error on through U, one column at a time. Natural
-    column order only (fh.perm must be the identity: a grid group is 4 or 8 adjacent columns)."""
+    column order only (fh.perm must be the identity: a grid group is 4 or 8 adjacent columns). `headers`
+    (params with search_codes, e.g. refitted ones) fixes every header up front instead; they are returned."""
     out, n = W.shape
-    fitted = []
+    fitted = [headers] if headers is not None else []
     scale = torch.zeros(out, n // btype.sub, dtype=W.dtype, device=W.device)
     search = torch.zeros(out, n, dtype=torch.uint8, device=W.device)
+    if headers is not None:
+        scale.copy_(torch.from_numpy(btype.effective(headers)[0]))
+        search.copy_(torch.from_numpy(np.asarray(headers["search_codes"]).reshape(out, n)))
     btype.tables
     Q = torch.from_numpy(btype.levels[: (btype.qmax + 1) // 2][btype.tables[0]]).to(W.device)  # [points, group]
     L = torch.from_numpy(np.asarray(btype.tables[0], dtype=np.int64)).to(W.device)
@@ -184,7 +210,7 @@ def quantize_lattice_gptq(W: torch.Tensor, fh: FactoredHessian, btype: BlockType
         Err1 = torch.zeros_like(W1)
         for i in range(0, i2 - i1, unit):
             col = i1 + i
-            if col % btype.block == 0:  # lazy is a multiple of the block: W1 holds the whole super-block
+            if headers is None and col % btype.block == 0:  # lazy is a multiple of the block: W1 holds it all
                 fitted.append(_fit_headers(W1[:, i:i + btype.block], imp[col:col + btype.block], btype,
                                            scale[:, col // btype.sub:], search[:, col:col + btype.block]))
             s = scale[:, col // btype.sub]
