@@ -56,19 +56,20 @@ def _output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
                                    pytest.param("IQ3_S", marks=pytest.mark.slow),
                                    pytest.param("IQ2_S", marks=pytest.mark.slow)])
 def test_gptq_on_lattice_beats_llamacpp_search(down, qtype: str) -> None:
-    """Held-out output error below llama.cpp's imatrix search (when written, at the pipeline's LATTICE_DAMP 0.3:
-    IQ3_XXS 0.78x, IQ2_XS 0.78x); the bytes decode (gguf-py) to exactly the returned dequantization."""
+    """Held-out output error below llama.cpp's imatrix search, as the pipeline runs it (LATTICE_DAMP 0.3, headers
+    refitted: IQ3_XXS 0.76x, IQ2_XS 0.72x, IQ2_XXS 0.72x, IQ3_S 0.70x, IQ2_S 0.72x); the bytes decode (gguf-py) to
+    exactly the returned dequantization."""
     w, H, imatrix, H_test = down
     bt = block_type(qtype)
     search = torch.from_numpy(gguf.quants.dequantize(bt.quantize(w.numpy(), imatrix), bt.ggml_type))
     cfg = GPTQConfig(act_order=False, block_size=256, damp_percent=LATTICE_DAMP)
-    res = quantize_block_gptq(w, factor_hessian(H, w.shape[1], "down", cfg), bt, imatrix, cfg)
+    res = quantize_block_gptq(w, factor_hessian(H, w.shape[1], "down", cfg, keep_hessian=True), bt, imatrix, cfg)
     assert res.raw.shape == (w.shape[0], w.shape[1] // bt.block * bt.bytes_per_block)
     assert np.array_equal(gguf.quants.dequantize(res.raw, bt.ggml_type), res.dequantized.numpy())
     e_gptq, e_search = _output_error(res.dequantized - w, H_test), _output_error(search - w, H_test)
     print(f"{qtype}: held-out output error GPTQ {e_gptq:.4g} vs llama.cpp+imatrix {e_search:.4g} "
           f"({e_gptq / e_search:.2f}x)")
-    assert e_gptq < 0.85 * e_search
+    assert e_gptq < 0.8 * e_search
 
 
 def test_act_order_is_refused_on_lattice(down) -> None:
@@ -79,3 +80,46 @@ def test_act_order_is_refused_on_lattice(down) -> None:
     with pytest.raises(ValueError, match="natural column order"):
         quantize_block_gptq(w[:8], factor_hessian(H, w.shape[1], "down", cfg), block_type("IQ3_XXS"), imatrix, cfg)
 
+
+
+@pytest.mark.parametrize("qtype", ["IQ2_XS", "IQ3_XXS"])
+def test_header_refit_lowers_the_output_error(down, qtype: str) -> None:
+    """The refit (header_refit, with one more sweep) lowers the output error on the calibration tokens it
+    descends and on held-out tokens, against the same sweep without it (IQ2_XS 0.776x -> 0.716x of
+    llama.cpp's held-out error, IQ3_XXS 0.781x -> 0.762x)."""
+    w, H, imatrix, H_test = down
+    bt = block_type(qtype)
+    cfg = GPTQConfig(act_order=False, block_size=256, damp_percent=LATTICE_DAMP)
+    plain, refit = (quantize_block_gptq(w, factor_hessian(H, w.shape[1], "down", cfg, keep_hessian=keep), bt,
+                                        imatrix, cfg).dequantized - w for keep in (False, True))
+    assert _output_error(refit, H) < 0.99 * _output_error(plain, H)
+    assert _output_error(refit, H_test) < 0.99 * _output_error(plain, H_test)
+
+
+def test_header_refit_picks_each_scale_by_the_exact_objective(down) -> None:
+    """Independent check of the coordinate step: after refit_headers, no other value of any sampled 4-bit
+    sub-block scale lowers (W - Q) H (W - Q)^T, with Q decoded from the packed bytes by gguf-py (a brute force
+    over all 16 values), and the objective is below the start on every row."""
+    from lowbit.quant.header_refit import refit_headers
+
+    w, H, imatrix, _ = down
+    w = w[:16]
+    bt = block_type("IQ2_XS")
+    Hd = H.float().clone()
+    Hd.diagonal().add_(LATTICE_DAMP * float(H.diagonal().mean()))
+    params, codes = bt.unpack(bt.quantize(w.numpy(), imatrix), w.shape[1])
+    refit = refit_headers(w, Hd, bt, params, codes, sweeps=20)  # converged: each scale optimal given the rest
+
+    def objective(p) -> np.ndarray:
+        q = torch.from_numpy(gguf.quants.dequantize(bt.pack(p, codes), bt.ggml_type))
+        r = (w - q).double()
+        return ((r @ Hd.double()) * r).sum(1).numpy()
+
+    best = objective(refit)
+    assert (best <= objective(params) + 1e-9).all() and best.sum() < 0.99 * objective(params).sum()
+    rng = np.random.default_rng(0)
+    for b, k in zip(rng.integers(0, params["scales"].shape[1], 6), rng.integers(0, 16, 6)):
+        for ls in range(16):
+            trial = {key: np.array(v, copy=True) for key, v in refit.items()}
+            trial["scales"][:, b, k] = ls
+            assert (objective(trial) >= best - 1e-6 * np.abs(best)).all()

@@ -7,9 +7,9 @@ of a sub-block is linear in its scale, so the layer's output error on the calibr
 
     E(row) = (w - q) H (w - q)^T,    q = d[super] * factors[ls[sub]] * level[code],
 
-is a quadratic in the scales. This module descends it exactly: one sub-block at a time, every allowed integer
-scale is scored in closed form and the best kept (the current one among them, so E never rises); then each
-super-block's d moves to its least-squares value, rounded to fp16 as stored, kept only where E falls.
+is a quadratic in the scales. This module descends it exactly: each super-block's d moves to its
+least-squares value, rounded to fp16 as stored, kept only where E falls; then one sub-block at a time, every
+allowed integer scale is scored in closed form and the best kept (the current one among them, so E never rises).
 The residual's gradient G = (w - q) H is kept up to date, so a sweep costs one rows x n x n product, the
 order of GPTQ itself.
 
@@ -56,9 +56,9 @@ def refit_headers(W: torch.Tensor, H: torch.Tensor, btype, params: dict, codes: 
     s = d.repeat_interleave(per, 1) * f[ls]                                      # [rows, K]
     G = (W.to(torch.float64).cpu() - s.repeat_interleave(sub, 1) * M) @ H        # residual gradient
     curv = _sub_block_curvature(M, H, sub)
-    for _ in range(sweeps):
-        _sweep_sub_scales(M, H, G, s, ls, d, f, curv, sub, per)
+    for _ in range(sweeps):  # ending on the sub-block pass: each integer scale is then optimal given the rest
         _step_super_scales(M, H, G, s, ls, d, f, sub, per)
+        _sweep_sub_scales(M, H, G, s, ls, d, f, curv, sub, per)
     out = dict(params)
     out[hm.super_key] = d.numpy().astype(np.float16).reshape(np.shape(params[hm.super_key]))
     out[hm.sub_key] = ls.numpy().astype(np.uint8).reshape(np.shape(params[hm.sub_key]))
