@@ -137,8 +137,9 @@ def quantize(
                             "(fp8-gptq: calibrated) is FP8 e4m3 with per-row scales (--fp8-activations)."),
     gguf_type: str = typer.Option("Q4_K_M", "--type", help="GGUF: llama.cpp file type (Q8_0, Q6_K, Q5_K_M, "
                                   "Q5_K_S, Q4_K_M, Q4_K_S, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, Q5_1, Q5_0, Q4_1, Q4_0, "
-                                  "IQ4_XS, IQ4_NL, IQ3_XXS, IQ2_XS, IQ2_XXS; the IQ2 types need --imatrix, "
-                                  "IQ3_XXS one for its IQ3_XXS / IQ2_S tensors)."),
+                                  "IQ4_XS, IQ4_NL, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS; "
+                                  "the IQ2 types need --imatrix, IQ3_XXS / IQ3_XS one for their IQ3_XXS / IQ2_S "
+                                  "tensors)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="GGUF: importance matrix (llama.cpp .gguf or "
                                            "lowbit .safetensors) weighting llama.cpp's block search."),
     tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help="GGUF: REGEX=TYPE override, "

@@ -12,22 +12,35 @@ overrides the mix for matching tensors, as llama-quantize's option does.
 
 The rules below are re-stated from llama.cpp's `llama_tensor_get_type` for the
 dense (non-MoE, non-Falcon) Llama family this project handles, for the legacy,
-K-quant, IQ4_NL / IQ4_XS, IQ2_XXS / IQ2_XS and IQ3_XXS file types (the
-256-element super-blocks of IQ4_XS and of the grid i-quants fall back to
-IQ4_NL's 32-element blocks). The IQ2 mixes keep the head / tied embedding at
-Q5_K (Q8_0 when its width is not a multiple of 256), an untied token_embd at
-Q2_K, attn_v at Q4_K (n_gqa >= 4) or Q2_K, and the first n_layer/8 ffn_down at
-Q2_K. The IQ3_XXS mix keeps the head / tied embedding at Q5_K (or Q8_0) too, an
-untied token_embd and attn_output at IQ3_S, attn_q / attn_k at IQ2_S, attn_v at
-Q4_K (n_gqa >= 4), else IQ3_XXS with an imatrix and IQ3_S without, and without
-an imatrix ffn_down at Q4_K in the first n_layer/8 layers and Q3_K after.
+K-quant, IQ4_NL / IQ4_XS, IQ2_XXS / IQ2_XS / IQ2_S / IQ2_M and IQ3_XXS / IQ3_XS /
+IQ3_S / IQ3_M file types (the 256-element super-blocks of IQ4_XS and of the grid
+i-quants fall back to IQ4_NL's 32-element blocks). Some file types are named
+after their mix, not their default block type: IQ3_XS, IQ3_S and IQ3_M default
+to IQ3_S blocks, IQ2_S to IQ2_XS and IQ2_M to IQ2_S.
+
+The IQ2 mixes (llama.cpp's own low-bit branch) keep the head / tied embedding
+at Q5_K (Q8_0 when its width is not a multiple of 256) and attn_v at Q4_K when
+n_gqa >= 4; IQ2_XXS / IQ2_XS promote an untied token_embd, attn_v (n_gqa < 4)
+and the first n_layer/8 ffn_down to Q2_K, IQ2_S / IQ2_M promote those and
+attn_output to IQ3_S. The IQ3_XXS mix keeps the head / tied embedding at Q5_K
+(or Q8_0) too, an untied token_embd and attn_output at IQ3_S, attn_q / attn_k at
+IQ2_S, attn_v at Q4_K (n_gqa >= 4), else IQ3_XXS with an imatrix and IQ3_S
+without, and without an imatrix ffn_down at Q4_K in the first n_layer/8 layers
+and Q3_K after. IQ3_XS, IQ3_S and IQ3_M keep the head at Q6_K; IQ3_XS and IQ3_S
+give attn_v Q4_K at n_gqa >= 4, IQ3_M whatever n_gqa, with attn_output and the
+first n_layer/8 ffn_down Q4_K too; IQ3_XS puts attn_q / attn_k and the middle
+ffn_gate / ffn_up (layers n_layer/8 to 7*n_layer/8, each counted on its own) at
+IQ3_XXS. No rule of the IQ2_S / IQ2_M / IQ3_XS / IQ3_S / IQ3_M mixes reads the
+imatrix.
 
 Like llama_model_quantize (tensor_requires_imatrix), lowbit refuses a plan with
 a tensor of an `IMATRIX_TYPES` type (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS) and no
-imatrix for it. So the IQ2 file types always need one; IQ3_XXS needs one
-unless the shape fallback leaves no such tensor (SmolLM2's 576-wide attention
-and gate/up rows fall back to IQ4_NL, its ffn_down to Q4_K / Q3_K without an
-imatrix), where llama.cpp writes the file without one and so does lowbit.
+imatrix for it. So the IQ2 file types need one wherever a linear keeps its IQ2
+block (on SmolLM2, the later ffn_down); IQ3_XXS and IQ3_XS need one unless the
+shape fallback leaves no such tensor (SmolLM2's 576-wide attention and gate/up
+rows fall back to IQ4_NL; its ffn_down is Q4_K / Q3_K without an imatrix in
+IQ3_XXS, and IQ3_S in IQ3_XS), where llama.cpp writes the file without one and
+so does lowbit; the IQ3_S and IQ3_M mixes never need one.
 """
 
 from __future__ import annotations
@@ -43,15 +56,19 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q4_0": ("Q4_0", 2), "Q4_1": ("Q4_1", 3), "Q8_0": ("Q8_0", 7), "Q5_0": ("Q5_0", 8), "Q5_1": ("Q5_1", 9),
     "Q2_K": ("Q2_K", 10), "Q3_K_S": ("Q3_K", 11), "Q3_K_M": ("Q3_K", 12), "Q3_K_L": ("Q3_K", 13),
     "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
-    "Q6_K": ("Q6_K", 18), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20), "IQ3_XXS": ("IQ3_XXS", 23),
-    "IQ4_NL": ("IQ4_NL", 25), "IQ4_XS": ("IQ4_XS", 30),
+    "Q6_K": ("Q6_K", 18), "IQ2_XXS": ("IQ2_XXS", 19), "IQ2_XS": ("IQ2_XS", 20), "IQ3_XS": ("IQ3_S", 22),
+    "IQ3_XXS": ("IQ3_XXS", 23), "IQ4_NL": ("IQ4_NL", 25), "IQ3_S": ("IQ3_S", 26), "IQ3_M": ("IQ3_S", 27),
+    "IQ2_S": ("IQ2_XS", 28), "IQ2_M": ("IQ2_S", 29), "IQ4_XS": ("IQ4_XS", 30),
 }
 BLOCK_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
                "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 # Block types llama_model_quantize will not write without an importance (tensor_requires_imatrix: any tensor of
 # these types but token_embd / output, whatever the file type; IQ3_S is not among them).
 IMATRIX_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS")
-IQ2_FILE_TYPES = ("IQ2_XXS", "IQ2_XS")
+# The file types of llama.cpp's own low-bit branch (attn_v / ffn_down / attn_output rules apart from the rest);
+# IQ2_S and IQ2_M promote to IQ3_S where IQ2_XXS and IQ2_XS promote to Q2_K.
+IQ2_FILE_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")
+_IQ2_TO_IQ3_S = ("IQ2_S", "IQ2_M")
 # What llama.cpp falls back to when a row is not a multiple of the type's block.
 SHAPE_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
                   "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL",
@@ -122,6 +139,7 @@ class _MixState:
         self.i_attn_v = 0
         self.n_attn_v = n_attn_v
         self.i_ffn_down = 0
+        self.i_ffn = {"ffn_gate": 0, "ffn_up": 0}
         self.n_layer = n_layer
         self.tied = tied
 
@@ -136,15 +154,19 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q5_K"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
-        return {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ3_XXS": "IQ3_S"}.get(ftype, qtype)
+        promoted = {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S", "IQ3_XXS": "IQ3_S"}
+        return promoted.get(ftype, qtype)
     if ftype in IQ2_FILE_TYPES:  # llama.cpp's own branch for its lowest-bit types: no other rule applies
+        promoted = "IQ3_S" if ftype in _IQ2_TO_IQ3_S else "Q2_K"
         if cat == "attn_v":
             st.i_attn_v += 1
-            return "Q4_K" if n_gqa >= 4 else "Q2_K"
+            return "Q4_K" if n_gqa >= 4 else promoted
         if cat == "ffn_down":
             i, n = st.i_ffn_down, st.n_layer
             st.i_ffn_down += 1
-            return "Q2_K" if i < n // 8 else qtype
+            return promoted if i < n // 8 else qtype
+        if cat == "attn_output" and ftype in _IQ2_TO_IQ3_S:
+            return "IQ3_S"
         return qtype
     if cat == "attn_v":
         i = st.i_attn_v
@@ -153,6 +175,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q4_K" if n_gqa >= 4 else "Q3_K"
         if ftype == "IQ3_XXS":
             return "Q4_K" if n_gqa >= 4 else ("IQ3_XXS" if has_imatrix else "IQ3_S")
+        if ftype == "IQ3_M" or (ftype in ("IQ3_XS", "IQ3_S") and n_gqa >= 4):
+            return "Q4_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if i < 2 else "Q4_K"
         if ftype == "Q3_K_L":
@@ -171,6 +195,8 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q3_K"
         if ftype == "IQ3_XXS" and not has_imatrix:
             return "Q4_K" if i < n // 8 else "Q3_K"
+        if ftype == "IQ3_M" and i < n // 8:
+            return "Q4_K"
         if ftype == "Q3_K_M":
             return "Q5_K" if i < n // 16 else "Q4_K"
         if ftype == "Q3_K_L":
@@ -187,9 +213,16 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q5_K"
         return qtype
     if cat in ("attn_q", "attn_k"):
-        return "IQ2_S" if ftype == "IQ3_XXS" else qtype
+        return {"IQ3_XXS": "IQ2_S", "IQ3_XS": "IQ3_XXS"}.get(ftype, qtype)
     if cat == "attn_output":
-        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S"}.get(ftype, qtype)
+        promoted = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S", "IQ3_M": "Q4_K"}
+        return promoted.get(ftype, qtype)
+    if cat in ("ffn_gate", "ffn_up"):  # each with its own counter, as ffn_down
+        i, n = st.i_ffn[cat], st.n_layer
+        st.i_ffn[cat] += 1
+        if ftype == "IQ3_XS" and n // 8 <= i < 7 * n // 8:
+            return "IQ3_XXS"
+        return qtype
     return qtype
 
 
