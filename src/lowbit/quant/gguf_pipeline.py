@@ -22,7 +22,10 @@ before any work without one (require_imatrix). The codes of the grid i-quants (t
 points of a grid of 4 or 8 weights at a time: under gptq / awq-gptq GPTQ sweeps them one grid group
 (sign unit) at a time in natural column order, act-order ignored, damping at least LATTICE_DAMP
 (lowbit.quant.gptq_blocks.quantize_lattice_gptq), then their d and sub-block scales are refitted to the
-layer's output error with the codes fixed (lowbit.quant.header_refit); under autoround they get llama.cpp's search
+layer's output error with the codes fixed (lowbit.quant.header_refit), alternating with coordinate descent
+over the grid points (lowbit.quant.lattice_cd); the scalar types whose header is d times integer sub-block
+scales (legacy symmetric, IQ4_NL / IQ4_XS, Q3_K / Q6_K) get the header refit and one more column loop at
+the refitted headers (the better kept); under autoround they get llama.cpp's search
 (imatrix-weighted), on inputs that went through the already quantized layers.
 
 The run is sequential and resumable like lowbit's own checkpoints: each
@@ -380,9 +383,9 @@ def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
         bt = block_type(qtype)
         cfg = (replace(gptq, act_order=False, damp_percent=max(gptq.damp_percent, LATTICE_DAMP))
                if bt.search_only else gptq)
-        key = (cfg.act_order, cfg.damp_percent, bt.search_only)
+        key = (cfg.act_order, cfg.damp_percent)
         if key not in factors:
-            factors[key] = factor_hessian(H, ws[0].shape[1], name, cfg, keep_hessian=bt.search_only)
+            factors[key] = factor_hessian(H, ws[0].shape[1], name, cfg, keep_hessian=True)
         stacked = torch.cat(ws) if len(ws) > 1 else ws[0]
         res = quantize_block_gptq(stacked, factors[key], bt, imp, cfg)
         start = 0
