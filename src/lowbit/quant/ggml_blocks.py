@@ -675,6 +675,13 @@ class _Legacy(BlockType):
         d = np.asarray(params["d"]).astype(F32)
         return d, (np.asarray(params["m"]).astype(F32) if self.affine else _neg_zero(d))
 
+    @property
+    def header_model(self):
+        """One fp16 d per block (header_refit); none for Q4_1 / Q5_1, whose min is a second, additive scale."""
+        from lowbit.quant.header_refit import HeaderModel
+
+        return None if self.affine else HeaderModel("d")
+
     def _encode(self, p, codes):
         out = {"d": fp16_bytes(p["d"])}
         if self.affine:
@@ -871,6 +878,14 @@ class _SymmetricK(_KQuant):
         scale = d * signed.astype(F32)
         return scale, _neg_zero(scale)
 
+    @property
+    def header_model(self):
+        """fp16 d times a 6-bit (Q3_K, stored + 32) or 8-bit (Q6_K) signed sub-block scale (header_refit)."""
+        from lowbit.quant.header_refit import header_model_of
+
+        values = np.arange(64, dtype=np.uint8) if self.scale_offset else np.arange(-128, 128).astype(np.int8)
+        return header_model_of(self, values)
+
 
 class Q3_K(_SymmetricK):
     name, ggml_type = "Q3_K", gguf.GGMLQuantizationType.Q3_K
@@ -1049,6 +1064,12 @@ class IQ4_NL(_IQ4):
         d = np.asarray(p["d"]).astype(F32)
         return d, _neg_zero(d)
 
+    @property
+    def header_model(self):
+        from lowbit.quant.header_refit import HeaderModel
+
+        return HeaderModel("d")
+
     def _encode(self, p, codes):
         return {"d": fp16_bytes(p["d"]), "qs": pack_bits(codes.reshape(-1, 2, 16), 4, axis=1)}
 
@@ -1078,6 +1099,13 @@ class IQ4_XS(_IQ4):
         d = np.asarray(p["d"]).astype(F32)[..., None]
         scale = d * (np.asarray(p["scales"]).astype(np.int32) - 32).astype(F32)
         return scale, _neg_zero(scale)
+
+    @property
+    def header_model(self):
+        """fp16 d times a 6-bit signed sub-block scale, stored + 32 (header_refit)."""
+        from lowbit.quant.header_refit import header_model_of
+
+        return header_model_of(self, np.arange(64, dtype=np.uint8))
 
     def _encode(self, p, codes):
         ls = np.asarray(p["scales"]).astype(np.uint8)
@@ -1349,11 +1377,9 @@ class _GridIQ(BlockType):
     @property
     def header_model(self):
         """fp16 d per super-block times a 4-bit sub-block scale: what lowbit.quant.header_refit refits."""
-        from lowbit.quant.header_refit import HeaderModel
+        from lowbit.quant.header_refit import header_model_of
 
-        ls = np.arange(16)[None, None, :]
-        factors = self._effective({"d": np.ones((1, 1), F32), "scales": ls})[0].reshape(16)
-        return HeaderModel("d", "scales", factors.astype(np.float64))
+        return header_model_of(self, np.arange(16, dtype=np.uint8))
 
     def codes(self, w, params):
         search = params.get("search_codes")

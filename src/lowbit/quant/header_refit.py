@@ -22,7 +22,7 @@ IQ3_XXS 0.781x -> 0.767x -> 0.759x.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,11 +32,21 @@ F16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class HeaderModel:
-    """Where a block type keeps its two-level scales, and what each integer sub-block scale means."""
+    """Where a block type keeps its scales, and what each stored integer sub-block scale means.
 
-    super_key: str          # params key: fp16 super-block scale d, [rows, n_blocks]
-    sub_key: str            # params key: integer sub-block scales, [rows, n_blocks, subs per block]
-    factors: np.ndarray     # float64 [n_values]: a sub-block's scale is d * factors[ls]
+    A sub-block's scale is d * factors[i] where values[i] is what the block stores; a type with one scale per
+    block (IQ4_NL, Q8_0 ...) has no sub key and a single factor 1."""
+
+    super_key: str                  # params key: fp16 scale d, [rows, n_blocks]
+    sub_key: str | None = None      # params key: integer sub-block scales, [rows, n_blocks, subs per block]
+    values: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))   # stored integers, params' dtype
+    factors: np.ndarray = field(default_factory=lambda: np.ones(1, np.float64))  # float64, one per value
+
+
+def header_model_of(btype, values: np.ndarray) -> HeaderModel:
+    """The model of a type whose _effective is d * g(stored scale): g read off the type's own _effective."""
+    factors = btype._effective({"d": np.ones((1, 1), np.float32), "scales": values[None, None, :]})[0]
+    return HeaderModel("d", "scales", values, np.asarray(factors, np.float64).reshape(-1))
 
 
 def refit_headers(W: torch.Tensor, H: torch.Tensor, btype, params: dict, codes: np.ndarray,
@@ -49,20 +59,40 @@ def refit_headers(W: torch.Tensor, H: torch.Tensor, btype, params: dict, codes: 
     rows, n = W.shape
     sub, per = btype.sub, btype.block // btype.sub
     H = H.to(torch.float64).cpu()
-    M = torch.from_numpy(btype.levels[np.asarray(codes, dtype=np.int64)]).to(torch.float64)  # [rows, n]
+    M = torch.from_numpy(_code_values(btype, codes)).to(torch.float64)                         # [rows, n]
     d = torch.from_numpy(np.asarray(params[hm.super_key], dtype=np.float64).reshape(rows, -1).copy())
-    ls = torch.from_numpy(np.asarray(params[hm.sub_key]).astype(np.int64).reshape(rows, -1).copy())
+    ls = torch.from_numpy(_value_index(hm, params, rows, n // sub))
     f = torch.from_numpy(np.asarray(hm.factors, dtype=np.float64))
     s = d.repeat_interleave(per, 1) * f[ls]                                      # [rows, K]
     G = (W.to(torch.float64).cpu() - s.repeat_interleave(sub, 1) * M) @ H        # residual gradient
     curv = _sub_block_curvature(M, H, sub)
     for _ in range(sweeps):  # ending on the sub-block pass: each integer scale is then optimal given the rest
         _step_super_scales(M, H, G, s, ls, d, f, sub, per)
-        _sweep_sub_scales(M, H, G, s, ls, d, f, curv, sub, per)
+        if len(f) > 1:
+            _sweep_sub_scales(M, H, G, s, ls, d, f, curv, sub, per)
     out = dict(params)
     out[hm.super_key] = d.numpy().astype(np.float16).reshape(np.shape(params[hm.super_key]))
-    out[hm.sub_key] = ls.numpy().astype(np.uint8).reshape(np.shape(params[hm.sub_key]))
+    if hm.sub_key is not None:
+        out[hm.sub_key] = hm.values[ls.numpy()].reshape(np.shape(params[hm.sub_key]))
     return out
+
+
+def _code_values(btype, codes: np.ndarray) -> np.ndarray:
+    """What each code multiplies its sub-block's scale by: the level table's entry, or code - zero."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if btype.levels is not None:
+        return btype.levels[codes].astype(np.float64)
+    return (codes - btype.zero).astype(np.float64)
+
+
+def _value_index(hm: HeaderModel, params: dict, rows: int, n_sub: int) -> np.ndarray:
+    """Index into hm.values of every stored sub-block scale, int64 [rows, n_sub] (zeros without a sub key)."""
+    if hm.sub_key is None:
+        return np.zeros((rows, n_sub), np.int64)
+    stored = np.asarray(params[hm.sub_key]).reshape(rows, n_sub).astype(np.int64)
+    order = np.argsort(hm.values.astype(np.int64))
+    at = np.searchsorted(hm.values.astype(np.int64)[order], stored)
+    return order[np.clip(at, 0, len(order) - 1)]
 
 
 def _sub_block_curvature(M: torch.Tensor, H: torch.Tensor, sub: int) -> torch.Tensor:
@@ -100,9 +130,10 @@ def _step_super_scales(M, H, G, s, ls, d, f, sub: int, per: int) -> None:
         curv = (vH[:, cols] * v).sum(1)
         lin = (v * G[:, cols]).sum(1)
         target = d[:, j] + lin / torch.where(curv > 0, curv, torch.ones_like(curv))
-        stored = torch.from_numpy(target.clamp(0, F16_MAX).numpy().astype(np.float16).astype(np.float64))
+        stored = torch.from_numpy(target.clamp(-F16_MAX, F16_MAX).numpy().astype(np.float16).astype(np.float64))
         delta = stored - d[:, j]
-        take = (curv > 0) & (stored > 0) & (curv * delta * delta - 2 * delta * lin < 0)
+        # d keeps its sign (a lattice sub-block with a scale <= 0 counts as empty) and a zero d stays zero
+        take = (curv > 0) & (stored * d[:, j] > 0) & (curv * delta * delta - 2 * delta * lin < 0)
         delta = torch.where(take, delta, torch.zeros_like(delta))
         d[:, j] += delta
         s[:, j * per:(j + 1) * per] = d[:, j, None] * f[ls[:, j * per:(j + 1) * per]]
