@@ -41,6 +41,16 @@ shape fallback leaves no such tensor (SmolLM2's 576-wide attention and gate/up
 rows fall back to IQ4_NL; its ffn_down is Q4_K / Q3_K without an imatrix in
 IQ3_XXS, and IQ3_S in IQ3_XS), where llama.cpp writes the file without one and
 so does lowbit; the IQ3_S and IQ3_M mixes never need one.
+
+70B-class models: llama.cpp raises an attn_v that its file type's rules left at Q3_K or Q4_K to Q5_K when the
+model's type is LLM_TYPE_70B (llama_tensor_get_type, the last rule of the attn_v branch, after the file-type
+rules and before the shape fallback; the low-bit branch of IQ2_XXS / IQ2_XS / IQ2_S / IQ2_M never reaches it).
+So on such a model Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, IQ3_M and (at n_gqa >= 4) IQ3_XXS / IQ3_XS / IQ3_S give every
+attn_v Q5_K, and Q4_K_M every attn_v but its Q6_K layers (the first and last eighth, every third between); the
+other file types never leave attn_v at Q3_K / Q4_K. llama.cpp's model type comes from the architecture's
+load_hparams (`llamacpp_is_70b`): a dense "llama" GGUF (Llama, and Mistral, which is written as llama) with 80
+layers and n_head != n_head_kv (80 layers with n_head == n_head_kv is LLaMA-1 65B), any "qwen2" with 80 layers;
+qwen3 has no 70B type.
 """
 
 from __future__ import annotations
@@ -132,16 +142,53 @@ def _category(name: str) -> str:
     return "other"
 
 
+def llamacpp_is_70b(gguf_arch: str, n_layer: int, n_head: int, n_head_kv: int) -> bool:
+    """Whether llama.cpp's loader calls this model LLM_TYPE_70B (the only model type its quantizer reads).
+
+    From the load_hparams switch on n_layer of each architecture lowbit writes (llama.cpp src/models/):
+    llama.cpp: 80 layers are 65B when n_head == n_head_kv, else 70B (dense; Mistral is written as "llama");
+    qwen2.cpp: 80 layers are 70B; qwen3.cpp: no 70B case."""
+    if gguf_arch == "llama":
+        return n_layer == 80 and n_head != n_head_kv
+    if gguf_arch == "qwen2":
+        return n_layer == 80
+    return False
+
+
 class _MixState:
     """Counters llama.cpp advances as it walks the tensors in file order."""
 
-    def __init__(self, n_attn_v: int, n_layer: int, tied: bool):
+    def __init__(self, n_attn_v: int, n_layer: int, tied: bool, is_70b: bool = False):
+        self.is_70b = is_70b
         self.i_attn_v = 0
         self.n_attn_v = n_attn_v
         self.i_ffn_down = 0
         self.i_ffn = {"ffn_gate": 0, "ffn_up": 0}
         self.n_layer = n_layer
         self.tied = tied
+
+
+def _attn_v_rule(ftype: str, qtype: str, st: _MixState, n_gqa: int, has_imatrix: bool) -> str:
+    """attn_v's file-type rules outside the low-bit branch (llama.cpp's attn_v branch before the 70B rule)."""
+    i = st.i_attn_v
+    st.i_attn_v += 1
+    if ftype == "Q2_K":
+        return "Q4_K" if n_gqa >= 4 else "Q3_K"
+    if ftype == "IQ3_XXS":
+        return "Q4_K" if n_gqa >= 4 else ("IQ3_XXS" if has_imatrix else "IQ3_S")
+    if ftype == "IQ3_M" or (ftype in ("IQ3_XS", "IQ3_S") and n_gqa >= 4):
+        return "Q4_K"
+    if ftype == "Q3_K_M":
+        return "Q5_K" if i < 2 else "Q4_K"
+    if ftype == "Q3_K_L":
+        return "Q5_K"
+    if ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(i, st.n_attn_v):
+        return "Q6_K"
+    if ftype == "Q4_K_S" and i < 4:
+        return "Q5_K"
+    if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
+        return "Q5_K"
+    return qtype
 
 
 def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState, n_gqa: int,
@@ -158,7 +205,7 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
         return promoted.get(ftype, qtype)
     if ftype in IQ2_FILE_TYPES:  # llama.cpp's own branch for its lowest-bit types: no other rule applies
         promoted = "IQ3_S" if ftype in _IQ2_TO_IQ3_S else "Q2_K"
-        if cat == "attn_v":
+        if cat == "attn_v":  # no 70B rule here: llama.cpp's low-bit branch ends before it
             st.i_attn_v += 1
             return "Q4_K" if n_gqa >= 4 else promoted
         if cat == "ffn_down":
@@ -169,25 +216,10 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "IQ3_S"
         return qtype
     if cat == "attn_v":
-        i = st.i_attn_v
-        st.i_attn_v += 1
-        if ftype == "Q2_K":
-            return "Q4_K" if n_gqa >= 4 else "Q3_K"
-        if ftype == "IQ3_XXS":
-            return "Q4_K" if n_gqa >= 4 else ("IQ3_XXS" if has_imatrix else "IQ3_S")
-        if ftype == "IQ3_M" or (ftype in ("IQ3_XS", "IQ3_S") and n_gqa >= 4):
-            return "Q4_K"
-        if ftype == "Q3_K_M":
-            return "Q5_K" if i < 2 else "Q4_K"
-        if ftype == "Q3_K_L":
-            return "Q5_K"
-        if ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(i, st.n_attn_v):
-            return "Q6_K"
-        if ftype == "Q4_K_S" and i < 4:
-            return "Q5_K"
-        if ftype in ("IQ4_NL", "IQ4_XS") and n_gqa >= 4:
-            return "Q5_K"
-        return qtype
+        t = _attn_v_rule(ftype, qtype, st, n_gqa, has_imatrix)
+        # llama.cpp's 70B rule, after the file-type rules (8 query heads share each attn_v row: a small tensor
+        # that gains much from more bits).
+        return "Q5_K" if st.is_70b and t in ("Q3_K", "Q4_K") else t
     if cat == "ffn_down":
         i, n = st.i_ffn_down, st.n_layer
         st.i_ffn_down += 1
@@ -239,13 +271,14 @@ def quantizable(info: TensorInfo) -> bool:
 
 
 def choose_types(tensors: list[TensorInfo], file_type: str, n_layer: int, n_gqa: int, has_imatrix: bool = False,
-                 overrides: list[tuple[re.Pattern, str]] | None = None) -> dict[str, str]:
-    """Block type of every tensor (in file order, which the attn_v / ffn_down counters depend on)."""
+                 overrides: list[tuple[re.Pattern, str]] | None = None, is_70b: bool = False) -> dict[str, str]:
+    """Block type of every tensor (in file order, which the attn_v / ffn_down counters depend on). `is_70b`:
+    llama.cpp calls the model LLM_TYPE_70B (see `llamacpp_is_70b`), which raises attn_v's Q3_K / Q4_K to Q5_K."""
     ftype = parse_file_type(file_type)
     default = FILE_TYPES[ftype][0]
     cats = {t.name: _category(t.name) for t in tensors}
     st = _MixState(sum(c == "attn_v" for c in cats.values()), n_layer,
-                   tied=not any(c == "output" for c in cats.values()))
+                   tied=not any(c == "output" for c in cats.values()), is_70b=is_70b)
     types = {}
     for t in tensors:
         if not quantizable(t):

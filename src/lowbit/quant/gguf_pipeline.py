@@ -57,8 +57,8 @@ from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant import autoround, awq
 from lowbit.quant.autoround_blocks import BlockGridParams, supports
 from lowbit.quant.ggml_blocks import block_type
-from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, parse_file_type,
-                                   parse_overrides)
+from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, llamacpp_is_70b,
+                                   parse_file_type, parse_overrides)
 from lowbit.quant.gptq import GPTQConfig
 from lowbit.quant.gptq_blocks import LATTICE_DAMP, factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
@@ -159,8 +159,10 @@ def plan_types(folder: ModelFolder, gcfg: GGUFConfig, has_imatrix: bool) -> dict
 def plan_types_for(spec: ModelSpec, shape_of: Callable[[str], tuple[int, ...]], gcfg: GGUFConfig,
                    has_imatrix: bool) -> dict[str, str]:
     """plan_types from shapes alone (a config.json, for the memory planner)."""
+    is_70b = llamacpp_is_70b(spec.arch.gguf_arch, spec.num_layers, spec.num_heads, spec.num_kv_heads)
     by_gguf = choose_types(tensor_infos(spec, shape_of), gcfg.file_type, spec.num_layers,
-                           spec.num_heads // spec.num_kv_heads, has_imatrix, parse_overrides(list(gcfg.tensor_types)))
+                           spec.num_heads // spec.num_kv_heads, has_imatrix, parse_overrides(list(gcfg.tensor_types)),
+                           is_70b=is_70b)
     return {n: by_gguf[hf_name_to_gguf(n)] for n in gguf_tensor_order(spec)}
 
 
