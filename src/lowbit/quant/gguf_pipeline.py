@@ -60,7 +60,7 @@ from lowbit.quant.ggml_blocks import block_type
 from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, llamacpp_is_70b,
                                    parse_file_type, parse_overrides)
 from lowbit.quant.gptq import GPTQConfig
-from lowbit.quant.gptq_blocks import LATTICE_DAMP, factor_hessian, quantize_block_gptq
+from lowbit.quant.gptq_blocks import COARSE_TYPES, LATTICE_DAMP, factor_hessian, quantize_block_gptq
 from lowbit.quant.grid import GridConfig
 from lowbit.quant.pipeline import PartialRun, gather_stats, run_sequential
 from lowbit.quant.stats import INPUT_GROUPS, LayerStats
@@ -375,7 +375,8 @@ def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
     block fit, so this is exactly the per-linear result, with one column loop instead of three).
     Returns (raw, dequantized) per linear in the sets' order. The lattice i-quants (IQ2_*, IQ3_*: a group
     of 4 or 8 weights is one grid point) are swept a group at a time in natural column order, so for them
-    act-order is ignored and the damping is at least LATTICE_DAMP (a second factorization)."""
+    act-order is ignored and the damping is at least LATTICE_DAMP (a second factorization); Q2_K / Q3_K keep the
+    act-order setting with that damping floor too."""
     on_numpy = not isinstance(hessian, torch.Tensor)
     H = torch.from_numpy(hessian) if on_numpy else hessian
     out = []
@@ -383,8 +384,11 @@ def _gptq_job(hessian, sets: list, name: str, gptq: GPTQConfig) -> list:
     for qtype, imp, weights in sets:
         ws = [torch.from_numpy(a) for a in weights] if on_numpy else weights
         bt = block_type(qtype)
-        cfg = (replace(gptq, act_order=False, damp_percent=max(gptq.damp_percent, LATTICE_DAMP))
-               if bt.search_only else gptq)
+        cfg = gptq
+        if bt.search_only:
+            cfg = replace(gptq, act_order=False, damp_percent=max(gptq.damp_percent, LATTICE_DAMP))
+        elif bt.name in COARSE_TYPES:
+            cfg = replace(gptq, damp_percent=max(gptq.damp_percent, LATTICE_DAMP))
         key = (cfg.act_order, cfg.damp_percent)
         if key not in factors:
             factors[key] = factor_hessian(H, ws[0].shape[1], name, cfg, keep_hessian=True)

@@ -217,10 +217,16 @@ def _lattice_with_refit(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, 
 # weights far, and with little damping GPTQ overfits the calibration tokens. The same damped H is the objective
 # of the header refit and the coordinate descent after the sweep. Real layer-1 ffn_down, 16k wiki calibration
 # tokens, output error vs llama.cpp's imatrix search, IQ2_XS (sweep only): damp 0.01 0.83x, 0.1 0.80x, 0.3 0.78x,
-# 1.0 0.78x held out. With the refits and descent, held-out wiki / Python source (out of domain, picked on) /
-# Botchan: damp 0.3 0.680x / 0.916x / 0.780x, 1.0 0.683x / 0.861x / 0.762x, 2.0 0.702x / - / 0.775x;
-# IQ3_XXS 0.3 0.722x / 0.977x / 0.824x, 1.0 0.720x / 0.904x / 0.804x.
-LATTICE_DAMP = 1.0
+# 1.0 0.78x held out. With the refits and descent, held-out wiki / Python source / Botchan: damp 0.3 0.680x /
+# 0.916x / 0.780x, 1.0 0.683x / 0.861x / 0.762x; IQ3_XXS 0.3 0.722x / 0.977x / 0.824x, 1.0 0.720x / 0.904x /
+# 0.804x. The whole model says otherwise (IQ2_XS file, 16 x 512 held-out wiki KLD 0.3290 at 0.3 vs 0.3354 at
+# 1.0; Botchan 0.3622 vs 0.3677), so 0.3.
+LATTICE_DAMP = 0.3
+# The same floor for the ~2.5-3.5 bpw scalar K-quants, whose steps are as coarse (same layer, held-out wiki, with
+# the header refit, damp 0.01 -> 0.3: Q2_K 0.941x -> 0.876x, Q3_K 0.833x -> 0.763x llama.cpp's error; Botchan
+# 1.034x -> 0.949x and 0.980x -> 0.871x). At 4 bits and up the default stays (Q4_K flat; IQ4_NL on the 576-wide
+# attention linears is best at 0.01).
+COARSE_TYPES = ("Q2_K", "Q3_K")
 # Rounds of (lattice_cd's two sweeps, header refit) after the GPTQ sweep: on the real ffn_down (held out, IQ2_XS)
 # 0.715x -> 0.687x, 0.682x, 0.680x llama.cpp's error; each round costs about one GPTQ sweep.
 LATTICE_CD_ROUNDS = 3
