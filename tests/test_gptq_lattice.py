@@ -57,8 +57,9 @@ def _output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
                                    pytest.param("IQ2_S", marks=pytest.mark.slow)])
 def test_gptq_on_lattice_beats_llamacpp_search(down, qtype: str) -> None:
     """Held-out output error below llama.cpp's imatrix search, as the pipeline runs it (LATTICE_DAMP 0.3, headers
-    refitted: IQ3_XXS 0.76x, IQ2_XS 0.72x, IQ2_XXS 0.72x, IQ3_S 0.70x, IQ2_S 0.72x); the bytes decode (gguf-py) to
-    exactly the returned dequantization."""
+    refitted, coordinate descent: IQ3_XXS 0.72x, IQ2_XS 0.68x, IQ2_XXS 0.68x, IQ3_S 0.66x, IQ2_S 0.69x; the sweep
+    alone was 0.78x / 0.78x / 0.76x / 0.72x / 0.78x); the bytes decode (gguf-py) to exactly the returned
+    dequantization."""
     w, H, imatrix, H_test = down
     bt = block_type(qtype)
     search = torch.from_numpy(gguf.quants.dequantize(bt.quantize(w.numpy(), imatrix), bt.ggml_type))
@@ -69,7 +70,7 @@ def test_gptq_on_lattice_beats_llamacpp_search(down, qtype: str) -> None:
     e_gptq, e_search = _output_error(res.dequantized - w, H_test), _output_error(search - w, H_test)
     print(f"{qtype}: held-out output error GPTQ {e_gptq:.4g} vs llama.cpp+imatrix {e_search:.4g} "
           f"({e_gptq / e_search:.2f}x)")
-    assert e_gptq < 0.8 * e_search
+    assert e_gptq < 0.75 * e_search
 
 
 def test_act_order_is_refused_on_lattice(down) -> None:
@@ -84,9 +85,9 @@ def test_act_order_is_refused_on_lattice(down) -> None:
 
 @pytest.mark.parametrize("qtype", ["IQ2_XS", "IQ3_XXS"])
 def test_header_refit_lowers_the_output_error(down, qtype: str) -> None:
-    """The refit (header_refit, with one more sweep) lowers the output error on the calibration tokens it
-    descends and on held-out tokens, against the same sweep without it (IQ2_XS 0.776x -> 0.716x of
-    llama.cpp's held-out error, IQ3_XXS 0.781x -> 0.762x)."""
+    """The refits (header_refit, lattice_cd) lower the output error on the calibration tokens they descend and
+    on held-out tokens, against the same sweep without them (IQ2_XS 0.776x -> 0.680x of llama.cpp's held-out
+    error, IQ3_XXS 0.781x -> 0.722x)."""
     w, H, imatrix, H_test = down
     bt = block_type(qtype)
     cfg = GPTQConfig(act_order=False, block_size=256, damp_percent=LATTICE_DAMP)
@@ -123,3 +124,31 @@ def test_header_refit_picks_each_scale_by_the_exact_objective(down) -> None:
             trial = {key: np.array(v, copy=True) for key, v in refit.items()}
             trial["scales"][:, b, k] = ls
             assert (objective(trial) >= best - 1e-6 * np.abs(best)).all()
+
+
+@pytest.mark.parametrize("qtype", ["IQ2_XS", "IQ3_XXS", "IQ3_S"])
+def test_coordinate_descent_lowers_every_row_and_stays_on_the_grid(down, qtype: str) -> None:
+    """lattice_cd from llama.cpp's own search codes: every row's (W - Q) H (W - Q)^T, Q decoded by gguf-py from
+    the packed bytes, is no higher than before and the total falls; the codes pack (on the grid, and with an even
+    count of negatives per 8 where signs are folded: pack refuses otherwise); groups of an all-zero sub-block
+    keep their codes."""
+    from lowbit.quant.lattice_cd import refine_lattice_codes
+
+    w, H, imatrix, _ = down
+    w = w[:64]
+    bt = block_type(qtype)
+    Hd = H.float().clone()
+    Hd.diagonal().add_(LATTICE_DAMP * float(H.diagonal().mean()))
+    params, codes = bt.unpack(bt.quantize(w.numpy(), imatrix), w.shape[1])
+
+    def per_row(c: np.ndarray) -> np.ndarray:
+        q = torch.from_numpy(gguf.quants.dequantize(bt.pack(params, c), bt.ggml_type))
+        r = (w - q).double()
+        return ((r @ Hd.double()) * r).sum(1).numpy()
+
+    refined = refine_lattice_codes(w, Hd, bt, params, codes)
+    before, after = per_row(codes), per_row(refined)
+    assert (after <= before * (1 + 1e-9)).all()
+    assert after.sum() < 0.9 * before.sum()
+    dead = np.repeat(bt.effective(params)[0] <= 0, bt.sub, axis=1)
+    assert np.array_equal(refined[dead], codes[dead])
