@@ -9,7 +9,8 @@ per recorded host: torch version, torch's CPU capability and the CPU model name.
 any host not listed by name; with no entry of this torch and capability the test skips, saying so.
 
 Run `python tests/test_device.py --record` to re-record (only when a change of output is intended and
-documented in the README with its measured KLD).
+documented in the README with its measured KLD). A host that cannot re-record at once keeps its other digests
+and names the missing one, with the reason, under "not_recorded".
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def test_cpu_device_path_matches_pre_device_outputs(small_model_dir: Path, tmp_p
         pytest.skip(f"golden digests were recorded with {recorded}; this is torch {torch.__version__} on "
                     f"{cpu_capability()} ({cpu_model()})")
     got = produce(small_model_dir, tmp_path, device="cpu")
-    assert got == entry["digests"]
+    # A host can lack a digest whose output changed on purpose after it was recorded (that host must re-record
+    # it); the entry names each such key and why, so nothing goes unchecked silently.
+    missing = entry.get("not_recorded", {})
+    assert set(got) == set(entry["digests"]) | set(missing)
+    assert {k: v for k, v in got.items() if k not in missing} == entry["digests"]
 
 
 def _record() -> None:
