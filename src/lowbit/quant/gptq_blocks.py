@@ -60,7 +60,8 @@ class FactoredHessian:
 
 def factor_hessian(stats: object, n_in: int, name: str, gptq: GPTQConfig,
                    keep_hessian: bool = False) -> FactoredHessian:
-    """`keep_hessian` also keeps the damped H (n_in^2 floats more) for the lattice types' header refit."""
+    """`keep_hessian` also keeps the damped H (n_in^2 floats more), the objective of the header refit and of the
+    lattice types' coordinate descent."""
     H = _hessian_of(stats, n_in, name).clone()
     dead = torch.diagonal(H) == 0
     _handle_dead_columns(H, torch.zeros(0, n_in, device=H.device))
@@ -111,23 +112,26 @@ def _scalar_with_refit(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, i
     params, codes = loop(static)
     if fh.H is None or btype.header_model is None:
         return params, codes
+    return _refit_rerun_refit(W, fh.H, btype, params, codes, lambda headers: loop(headers)[1])
+
+
+def _refit_rerun_refit(W: torch.Tensor, H: torch.Tensor, btype: BlockType, params: dict, codes: np.ndarray,
+                       rerun) -> tuple[dict, np.ndarray]:
+    """Headers refitted to the output error (header_refit), `rerun(headers)` -> codes of one more sweep at them,
+    a refit of those; the (params, codes) of least (W - Q) H (W - Q)^T of the two refits (the sweep at refitted
+    headers can come out worse than the refit it started from: Q6_K on the real ffn_down)."""
     from lowbit.quant.header_refit import refit_headers
 
-    first = (refit_headers(W, fh.H, btype, params, codes), codes)
-    _, codes = loop(first[0])
-    return _least_output_error(W, fh.H, btype, [first, (refit_headers(W, fh.H, btype, first[0], codes), codes)])
+    first = (refit_headers(W, H, btype, params, codes), codes)
+    codes = rerun(first[0])
+    second = (refit_headers(W, H, btype, first[0], codes), codes)
+    W64, H64 = W.cpu().to(torch.float64), H.cpu().to(torch.float64)
 
+    def error(candidate: tuple[dict, np.ndarray]) -> float:
+        q = torch.from_numpy(btype.dequantize(btype.pack(*candidate), W.shape[1])).to(torch.float64)
+        return float((((W64 - q) @ H64) * (W64 - q)).sum())
 
-def _least_output_error(W: torch.Tensor, H: torch.Tensor, btype: BlockType,
-                        candidates: list) -> tuple[dict, np.ndarray]:
-    """The (params, codes) of least (W - Q) H (W - Q)^T: the loop at refitted headers can come out worse than
-    the refit it started from (Q6_K on the real ffn_down), and then the refit is kept."""
-    def error(params: dict, codes: np.ndarray) -> float:
-        q = torch.from_numpy(btype.dequantize(btype.pack(params, codes), W.shape[1])).to(torch.float64)
-        r = W.cpu().to(torch.float64) - q
-        return float(((r @ H.to(torch.float64).cpu()) * r).sum())
-
-    return min(candidates, key=lambda c: error(*c))
+    return min((first, second), key=error)
 
 
 def _column_loop(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, btype: BlockType, importance: np.ndarray,
@@ -203,10 +207,9 @@ def _lattice_with_refit(W: torch.Tensor, fh: FactoredHessian, btype: BlockType, 
     from lowbit.quant.header_refit import refit_headers
     from lowbit.quant.lattice_cd import refine_lattice_codes
 
-    first = (refit_headers(target, fh.H, btype, params, codes), codes)
-    _, codes = quantize_lattice_gptq(target.clone(), fh, btype, imp, lazy, headers=first[0])
-    params, codes = _least_output_error(target, fh.H, btype,
-                                        [first, (refit_headers(target, fh.H, btype, first[0], codes), codes)])
+    params, codes = _refit_rerun_refit(
+        target, fh.H, btype, params, codes,
+        lambda headers: quantize_lattice_gptq(target.clone(), fh, btype, imp, lazy, headers=headers)[1])
     for _ in range(LATTICE_CD_ROUNDS):
         codes = refine_lattice_codes(target, fh.H, btype, params, codes)
         params = refit_headers(target, fh.H, btype, params, codes)
