@@ -12,8 +12,9 @@ benchmarks/results/<name>.{json,md}.
     python benchmarks/gguf_kquants.py --types Q8_0,Q6_K,Q5_K_M --methods gptq
     python benchmarks/gguf_kquants.py --types IQ4_XS,IQ4_NL --samples 32 --methods rtn,gptq,awq-gptq --name gguf_iquants
 
-The i-quant types llama.cpp will not write without an importance matrix (IQ2_XXS, IQ2_XS, IQ3_XXS: gguf_mix's
-IMATRIX_TYPES) get no no-imatrix llama.cpp row, and every lowbit method is given the imatrix for them.
+The file types whose default block type llama.cpp will not write without an importance matrix (IQ2_XXS, IQ2_XS,
+IQ2_S, IQ2_M, IQ3_XXS: a default in gguf_mix's IMATRIX_TYPES) get no no-imatrix llama.cpp row, and every lowbit
+method is given the imatrix for them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from lowbit.eval.data import load_tokenizer  # noqa: E402
 from lowbit.formats.gguf import GGUFWeights, hf_folder_to_gguf  # noqa: E402
 from lowbit.formats.imatrix import write_imatrix_gguf  # noqa: E402
 from lowbit.model.default import cache_dir, resolve_model  # noqa: E402
-from lowbit.quant.gguf_mix import IMATRIX_TYPES  # noqa: E402
+from lowbit.quant.gguf_mix import FILE_TYPES, IMATRIX_TYPES  # noqa: E402
 from lowbit.report.table import Row, table_cells, with_delta  # noqa: E402
 
 
@@ -189,7 +190,7 @@ def main() -> int:
         meta["imatrix_seconds"] = round(time.perf_counter() - t0, 1)
         f32 = hf_folder_to_gguf(model_dir, work / "model-f32.gguf")
         for ft in types:
-            needs_imatrix = ft in IMATRIX_TYPES  # llama.cpp (and lowbit) refuse these without one
+            needs_imatrix = FILE_TYPES[ft][0] in IMATRIX_TYPES  # llama.cpp (and lowbit) refuse these without one
             if not needs_imatrix:
                 rows.append(llamacpp_row(session, f32, ft, None, work))
             rows.append(llamacpp_row(session, f32, ft, imatrix, work))
