@@ -447,8 +447,8 @@ class BlockType:
     layout: tuple[tuple[str, int], ...] = ()  # (field, bytes) in ggml struct order
     needs_importance = False            # refuses to fit without an imatrix row (llama.cpp's IQ2)
     search_only = False                 # codes are grid points of several weights: no scalar rounding (AutoRound
-    header_model = None                 # a HeaderModel where the header is d * table[ls] (header_refit)
     #                                     keeps the search; GPTQ sweeps whole groups: quantize_lattice_gptq)
+    header_model = None                 # a HeaderModel where the header is d * table[ls] (header_refit)
 
     @property
     def bytes_per_block(self) -> int:

@@ -191,6 +191,12 @@ def _attn_v_rule(ftype: str, qtype: str, st: _MixState, n_gqa: int, has_imatrix:
     return qtype
 
 
+def _iq2_promotion(ftype: str) -> str:
+    """What an IQ2 file type raises its favoured tensors to (untied token_embd, attn_v at n_gqa < 4, the first
+    n_layer/8 ffn_down): IQ3_S in IQ2_S / IQ2_M, Q2_K in IQ2_XXS / IQ2_XS."""
+    return "IQ3_S" if ftype in _IQ2_TO_IQ3_S else "Q2_K"
+
+
 def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState, n_gqa: int,
               has_imatrix: bool) -> str:
     """The per-category promotion of one tensor (before the shape fallback)."""
@@ -201,10 +207,9 @@ def _mix_rule(ftype: str, qtype: str, info: TensorInfo, cat: str, st: _MixState,
             return "Q5_K"
         return qtype if qtype == "Q8_0" else "Q6_K"
     if cat == "token_embd":
-        promoted = {"IQ2_XXS": "Q2_K", "IQ2_XS": "Q2_K", "IQ2_S": "IQ3_S", "IQ2_M": "IQ3_S", "IQ3_XXS": "IQ3_S"}
-        return promoted.get(ftype, qtype)
+        return _iq2_promotion(ftype) if ftype in IQ2_FILE_TYPES else "IQ3_S" if ftype == "IQ3_XXS" else qtype
     if ftype in IQ2_FILE_TYPES:  # llama.cpp's own branch for its lowest-bit types: no other rule applies
-        promoted = "IQ3_S" if ftype in _IQ2_TO_IQ3_S else "Q2_K"
+        promoted = _iq2_promotion(ftype)
         if cat == "attn_v":  # no 70B rule here: llama.cpp's low-bit branch ends before it
             st.i_attn_v += 1
             return "Q4_K" if n_gqa >= 4 else promoted

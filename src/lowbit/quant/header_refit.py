@@ -59,7 +59,7 @@ def refit_headers(W: torch.Tensor, H: torch.Tensor, btype, params: dict, codes: 
     rows, n = W.shape
     sub, per = btype.sub, btype.block // btype.sub
     H = H.to(torch.float64).cpu()
-    M = torch.from_numpy(_code_values(btype, codes)).to(torch.float64)                         # [rows, n]
+    M = torch.from_numpy(btype.code_values(codes)).to(torch.float64)                           # [rows, n]
     d = torch.from_numpy(np.asarray(params[hm.super_key], dtype=np.float64).reshape(rows, -1).copy())
     ls = torch.from_numpy(_value_index(hm, params, rows, n // sub))
     f = torch.from_numpy(np.asarray(hm.factors, dtype=np.float64))
@@ -75,14 +75,6 @@ def refit_headers(W: torch.Tensor, H: torch.Tensor, btype, params: dict, codes: 
     if hm.sub_key is not None:
         out[hm.sub_key] = hm.values[ls.numpy()].reshape(np.shape(params[hm.sub_key]))
     return out
-
-
-def _code_values(btype, codes: np.ndarray) -> np.ndarray:
-    """What each code multiplies its sub-block's scale by: the level table's entry, or code - zero."""
-    codes = np.asarray(codes, dtype=np.int64)
-    if btype.levels is not None:
-        return btype.levels[codes].astype(np.float64)
-    return (codes - btype.zero).astype(np.float64)
 
 
 def _value_index(hm: HeaderModel, params: dict, rows: int, n_sub: int) -> np.ndarray:
