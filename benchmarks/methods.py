@@ -16,7 +16,9 @@ dequantized float32 weights. Sections:
     transformers. Both are bitsandbytes files; lowbit's reader scores them (its dequantization is checked
     bit for bit against bitsandbytes' in tests/test_consumers_methods.py). Calibration: --samples x --seqlen
     tokens of the Wikipedia calibration split.
-  * autoround: lowbit `autoround:4:128:iN` against the auto-round package (SignRound, W4G128 symmetric, the
+  * autoround: lowbit `autoround:4:128:iN` (AWQ equalization, then SignRound learned twice per block, the
+    lower calibration error kept) and `autoround:4:128:iN:plain` (SignRound alone, once: auto-round's
+    recipe) against the auto-round package (SignRound, W4G128 symmetric, the
     same N = --iters iterations, mini-batch 8, and the very same --samples x --seqlen calibration tokens:
     the token matrix lowbit draws is handed to auto-round as ready token ids), with lowbit rtn:4:128 and
     gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit `autoround:B:G:iN`
@@ -142,13 +144,15 @@ def autoround_notes(rows: list[dict], bits: list[int], group: int, iters: int) -
     """The issue's acceptance figures, read off the rows: lowbit / auto-round at W4G128, autoround vs gptq below."""
     by = {r["contender"]: r for r in rows}
     out = []
-    peer, ours = by.get(f"auto-round 4:128:i{iters}"), by.get(f"lowbit autoround:4:128:i{iters}")
-    if peer and ours:
-        k = " / ".join(f"{t} {ours[t]['kld_mean'] / peer[t]['kld_mean']:.2f}x" for t in TEXTS)
-        out.append(f"- W4G128, {iters} iterations: lowbit / auto-round KLD {k}; time {ours['quantize_s']} s vs "
-                   f"{peer['process_s']} s whole process ({ours['quantize_s'] / peer['process_s']:.2f}x), "
-                   f"vs {peer['quantize_s']} s auto-round quantize() alone "
-                   f"({ours['quantize_s'] / peer['quantize_s']:.2f}x).")
+    peer = by.get(f"auto-round 4:128:i{iters}")
+    for flag in ("", ":plain"):
+        ours = by.get(f"lowbit autoround:4:128:i{iters}{flag}")
+        if peer and ours:
+            k = " / ".join(f"{t} {ours[t]['kld_mean'] / peer[t]['kld_mean']:.3f}x" for t in TEXTS)
+            out.append(f"- W4G128, {iters} iterations: lowbit autoround{flag} / auto-round KLD {k}; time "
+                       f"{ours['quantize_s']} s vs {peer['process_s']} s whole process "
+                       f"({ours['quantize_s'] / peer['process_s']:.2f}x), vs {peer['quantize_s']} s auto-round "
+                       f"quantize() alone ({ours['quantize_s'] / peer['quantize_s']:.2f}x).")
     for b in bits:
         g = 128 if b == 4 else group
         ar, gq = by.get(f"lowbit autoround:{b}:{g}:i{iters}"), by.get(f"lowbit gptq:{b}:{g}")
@@ -249,7 +253,8 @@ def main() -> int:
                         (results.parent / f"{args.name}.autoround.error.txt").write_text(str(exc) + "\n")
                         meta["notes"] += f"auto-round failed: {str(exc).splitlines()[-1]}\n"
                     write_results(results, meta, rows)
-                for cfg in (f"autoround:{b}:{g}:i{it}", f"gptq:{b}:{g}", f"rtn:{b}:{g}"):
+                plain = (f"autoround:{b}:{g}:i{it}:plain",) if b == 4 else ()  # SignRound alone, auto-round's recipe
+                for cfg in (f"autoround:{b}:{g}:i{it}", *plain, f"gptq:{b}:{g}", f"rtn:{b}:{g}"):
                     calib = None if cfg.startswith("rtn") else calib_npy
                     rows.append(lowbit_row(sessions, model_dir, cfg, work, calib))
                     write_results(results, meta, rows)

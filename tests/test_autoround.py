@@ -46,7 +46,8 @@ def test_learns_a_lower_block_error_than_rtn(block) -> None:
     (3-bit g64: 0.052 against RTN's 0.167 at 20 steps when this was written; 4-bit g128 symmetric 0.021 vs 0.052)."""
     folder, w, x, rope = block
     grid = GridConfig(3, 64, False)
-    learned = autoround.quantize_block(w, x, folder.spec, rope, grid, autoround.AutoRoundConfig(iters=16, batch=4))
+    plain = autoround.AutoRoundConfig(iters=16, batch=4, smooth=False, restarts=1)
+    learned = autoround.quantize_block(w, x, folder.spec, rope, grid, plain)
     rtn = {s: quantize_rtn(w[s], grid) for s in SHORTS}
     e_ar, e_rtn = block_error(block, learned), block_error(block, rtn)
     print(f"\n{grid.tag()}: block MSE autoround {e_ar:.3g} vs rtn {e_rtn:.3g}")
@@ -60,8 +61,8 @@ def test_same_seed_same_codes(block) -> None:
     folder, w, x, rope = block
     cfg = autoround.AutoRoundConfig(iters=3, batch=4, seed=3)
     grid = GridConfig(4, 128, True)
-    a = autoround.quantize_block(w, x, folder.spec, rope, grid, cfg)
-    b = autoround.quantize_block(w, x, folder.spec, rope, grid, cfg)
+    a = autoround.quantize_block(dict(w), x, folder.spec, rope, grid, cfg)
+    b = autoround.quantize_block(dict(w), x, folder.spec, rope, grid, cfg)
     assert all(torch.equal(a[s].codes, b[s].codes) and torch.equal(a[s].scales, b[s].scales) for s in SHORTS)
     assert all(bool((a[s].zeros == grid.sym_zero).all()) for s in SHORTS)
 
@@ -69,10 +70,12 @@ def test_same_seed_same_codes(block) -> None:
 def test_checkpoint_exports_exactly(small_model_dir: Path, tmp_path: Path) -> None:
     calib = build_calibration(load_tokenizer(small_model_dir), default_calib_text(), CalibConfig(8, 128, seed=0))
     qcfg = parse_config("autoround:4:64:asym:i3")
-    assert qcfg.iters == 3 and qcfg.name == "autoround:4:64:asym:i3"
+    assert qcfg.iters == 3 and qcfg.name == "autoround:4:64:asym:i3" and not qcfg.plain
+    assert parse_config("autoround:4:64:i3:plain").name == "autoround:4:64:i3:plain"
+    assert parse_config("autoround:4:64:i3:plain").autoround == autoround.AutoRoundConfig.plain(3)
     quantize_checkpoint(small_model_dir, qcfg, tmp_path / "ck", calib=calib)
     ck = LowbitCheckpoint(tmp_path / "ck")
-    assert QuantConfig.from_dict(ck.meta["quant"]).iters == 3
+    assert QuantConfig.from_dict(ck.meta["quant"]) == qcfg
     ex = HFExport(export_checkpoint(tmp_path / "ck", "gptq", tmp_path / "gptq"))
     for name in ck.quantized_names:
         assert torch.equal(ex.quantized(name).dequantize(), ck.quantized(name).dequantize()), name
@@ -81,6 +84,8 @@ def test_checkpoint_exports_exactly(small_model_dir: Path, tmp_path: Path) -> No
 def test_options_are_checked(small_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(LowbitError, match="autoround only"):
         parse_config("gptq:4:128:i50")
+    with pytest.raises(LowbitError, match="plain applies to autoround only"):
+        parse_config("gptq:4:128:plain")
     with pytest.raises(LowbitError, match="calib"):
         quantize_checkpoint(small_model_dir, parse_config("autoround:4:128"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -92,7 +97,7 @@ def test_starts_from_rtn(block, grid: GridConfig) -> None:
     symmetric group whose largest weight is positive keeps it (signed extreme; a positive max|w|/8 scale used to
     clip it to 7/8 of its value, which put AutoRound's starting error above RTN's)."""
     folder, w, x, rope = block
-    start = autoround.quantize_block(w, x, folder.spec, rope, grid, autoround.AutoRoundConfig(iters=0))
+    start = autoround.quantize_block(w, x, folder.spec, rope, grid, autoround.AutoRoundConfig.plain(iters=0))
     for s in SHORTS:
         rtn = quantize_rtn(w[s], grid)
         assert torch.equal(start[s].scales, rtn.scales) and torch.equal(start[s].zeros, rtn.zeros), s
@@ -134,6 +139,35 @@ def test_targets_are_the_float_models_and_resume_is_exact(small_model_dir: Path,
     quantize_checkpoint(small_model_dir, qcfg, tmp_path / "resumed", calib=calib)
     for f in sorted(p.name for p in (tmp_path / "clean").iterdir()):
         assert (tmp_path / "clean" / f).read_bytes() == (tmp_path / "resumed" / f).read_bytes(), f
+
+
+def test_smoothing_keeps_the_float_block_and_is_stored(block) -> None:
+    """AWQ's equalization, folded in before SignRound, leaves the float block's function as it was (its
+    norms and producers are rewritten in the dict the pipeline stores), and moves them for real."""
+    folder, w, x, rope = block
+    smoothed = dict(w)
+    autoround.smooth(smoothed, x, folder.spec, rope, GridConfig(4, 128, True), batch=4)
+    ref, got = decoder_layer(x, w, folder.spec, rope), decoder_layer(x, smoothed, folder.spec, rope)
+    assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+    assert not torch.equal(smoothed["attn_norm"], w["attn_norm"]) and not torch.equal(smoothed["up"], w["up"])
+
+
+def test_restarts_keep_the_run_with_the_lower_calibration_error(block) -> None:
+    """Two restarts are the seed-s and seed-(s + 1000) runs, and the one kept is the one whose block output
+    error over all calibration samples is lower (here the same samples the test scores on)."""
+    folder, w, x, rope = block
+    grid = GridConfig(4, 128, True)
+    def run(seed: int, restarts: int) -> dict:
+        cfg = autoround.AutoRoundConfig(iters=8, lr=0.02, batch=4, seed=seed, smooth=False, restarts=restarts)
+        return autoround.quantize_block(dict(w), x, folder.spec, rope, grid, cfg)
+
+    one = {seed: run(seed, 1) for seed in (5, 1005)}
+    both = run(5, 2)
+    errors = {seed: block_error(block, qts) for seed, qts in one.items()}
+    assert errors[5] != errors[1005]
+    kept = one[min(errors, key=errors.get)]
+    assert all(torch.equal(both[s].codes, kept[s].codes) and torch.equal(both[s].scales, kept[s].scales)
+               for s in SHORTS)
 
 
 @pytest.mark.parametrize("grid", [GridConfig(4, 64, True), GridConfig(3, 32, False)])

@@ -3,7 +3,8 @@
 A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
 `rtn:3:64:asym` or `gptq:4:128:act`; group `ch` (or -1) means per channel.
 Flags: `sym` (default) / `asym`, for GPTQ `act` (act-order with g_idx)
-and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`).
+and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`) and
+`plain` (SignRound alone, as the auto-round package: no AWQ equalization first, no scale refinement after).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class QuantConfig:
     iters: int = 50  # autoround only: auto-round's 'light' recipe (the paper's 200 is --iters 200)
     lr: float = 0.0  # autoround only; 0 means 1 / iters
     seed: int = 0  # autoround only: its mini-batch draws
+    plain: bool = False  # autoround only: SignRound alone (AutoRoundConfig.plain)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -114,14 +116,18 @@ class QuantConfig:
         flags += ":fzero" if self.grid.float_zero else ""
         flags += ":static" if self.static_groups else ":act" if self.act_order else ""
         flags += f":i{self.iters}" if self.method == "autoround" else ""
+        flags += ":plain" if self.plain else ""
         return f"{self.method}:{self.grid.bits}:{g}{flags}"
 
     @property
     def autoround(self) -> "autoround.AutoRoundConfig":
+        if self.plain:
+            return autoround.AutoRoundConfig.plain(self.iters, self.lr or None, self.seed)
         return autoround.AutoRoundConfig(self.iters, self.lr or None, seed=self.seed)
 
     def to_dict(self) -> dict:
-        extra = {"iters": self.iters, "lr": self.lr, "seed": self.seed} if self.method == "autoround" else {}
+        extra = ({"iters": self.iters, "lr": self.lr, "seed": self.seed, "plain": self.plain}
+                 if self.method == "autoround" else {})
         return extra | {
             "method": self.method,
             "bits": self.grid.bits,
@@ -140,7 +146,7 @@ class QuantConfig:
         grid = GridConfig.from_meta(d)
         return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
                    bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)),
-                   int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)))
+                   int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)), bool(d.get("plain")))
 
 
 def parse_config(text: str) -> QuantConfig:
@@ -163,11 +169,14 @@ def parse_config(text: str) -> QuantConfig:
     if iters and method != "autoround":
         raise LowbitError(f"config {text!r}: iN (iterations) applies to autoround only")
     flags -= set(iters)
-    unknown = flags - {"sym", "asym", "act", "static", "fzero"}
+    unknown = flags - {"sym", "asym", "act", "static", "fzero", "plain"}
     if unknown:
         raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; "
-                          "use sym, asym, act, static, fzero")
+                          "use sym, asym, act, static, fzero, plain")
+    if "plain" in flags and method != "autoround":
+        raise LowbitError(f"config {text!r}: plain applies to autoround only")
     if {"act", "static"} & flags and method != "gptq":
         raise LowbitError(f"config {text!r}: act/static apply to gptq only")
     return QuantConfig(method, GridConfig(bits, group, "asym" not in flags, "fzero" in flags), act_order="act" in flags,
-                       static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50)
+                       static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50,
+                       plain="plain" in flags)
