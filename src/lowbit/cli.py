@@ -278,7 +278,7 @@ def _quantize_gguf(model, method, gguf_type, imatrix, tensor_type, damp, output,
     imat = read_imatrix(imatrix) if imatrix is not None else None
     check_plan(ModelFolder(model_dir), gcfg, imat)  # e.g. IQ2 without --imatrix, before calibration
     vocab = model_vocab(model_dir, ModelFolder(model_dir).config)  # an unmappable tokenizer fails before calibration
-    calib = _calibration(model_dir, *calib_args) if method != "rtn" else None
+    calib = _calibration(model_dir, *calib_args) if gcfg.needs_calibration else None
     stats = quantize_to_gguf(model_dir, gcfg, output, overwrite, calib=calib, imatrix=imat, vocab=vocab)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(stats.type_counts.items()))
     info(f"wrote {output}  ({gcfg.name}: {stats.total_bytes / 1e6:.1f} MB, {stats.bpw:.3f} bits/weight over the "

@@ -16,6 +16,8 @@ lands on its block grid:
   awq-gptq  AWQ's smoothing, then GPTQ on the smoothed weights and inputs.
   autoround llama.cpp's block fits, and AutoRound's learned rounding on the block's output error against
         the float model's (lowbit.quant.autoround_blocks; i-quant tensors keep llama.cpp's search).
+  hqq   no calibration: HQQ's half-quadratic (scale, zero) as the fp16 (d, m) of Q4_1 / Q5_1 blocks
+        (lowbit.quant.hqq_blocks); tensors of every other type keep llama.cpp's search.
 
 IQ2_XXS / IQ2_XS / IQ2_S / IQ3_XXS tensors (in any mix) need --imatrix, as in llama.cpp: refused
 before any work without one (require_imatrix). The codes of the grid i-quants (those and IQ3_S) are
@@ -54,7 +56,7 @@ from lowbit.formats.gguf import gguf_tensor_order, hf_name_to_gguf, model_vocab,
 from lowbit.formats.imatrix import Imatrix, check_imatrix
 from lowbit.model.arch import LINEARS, layer_name
 from lowbit.model.hf import ModelFolder, ModelSpec
-from lowbit.quant import autoround, awq
+from lowbit.quant import autoround, awq, hqq_blocks
 from lowbit.quant.autoround_blocks import BlockGridParams, supports
 from lowbit.quant.ggml_blocks import block_type
 from lowbit.quant.gguf_mix import (FILE_TYPES, IMATRIX_TYPES, TensorInfo, choose_types, llamacpp_is_70b,
@@ -68,7 +70,8 @@ from lowbit.quant import workers
 from lowbit.quant.workers import run_jobs
 from lowbit.runtime import Placement, placement
 
-GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")
+GGUF_METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround", "hqq")
+NO_CALIBRATION = ("rtn", "hqq")  # the methods that fit the weights alone
 FLOAT_TYPES = ("F32", "F16")
 AWQ_NORM_GRID = GridConfig(4, 32)  # only used to normalise |w| per 32-column block in AWQ's duo scaling
 
@@ -92,6 +95,10 @@ class GGUFConfig:
                               f"{', '.join(GGUF_METHODS)}")
         if not self.uses_gptq:
             object.__setattr__(self, "act_order", False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method not in NO_CALIBRATION
 
     @property
     def uses_gptq(self) -> bool:
@@ -219,16 +226,20 @@ def _as_float(t: torch.Tensor, qtype: str) -> torch.Tensor:
     return t.half().float() if qtype == "F16" else t.float()
 
 
-def rtn_tensor(t: torch.Tensor, qtype: str, importance: np.ndarray | None, dequantize: bool = True
-               ) -> tuple[np.ndarray | None, torch.Tensor | None]:
-    """(raw rows or None for float types, dequantized weights or None) by llama.cpp's own per-block search.
+def rtn_tensor(t: torch.Tensor, qtype: str, importance: np.ndarray | None, dequantize: bool = True,
+               use_hqq: bool = False) -> tuple[np.ndarray | None, torch.Tensor | None]:
+    """(raw rows or None for float types, dequantized weights or None) by llama.cpp's own per-block search,
+    or with `use_hqq` by HQQ's solver where the block type has a zero for it (hqq_blocks.supports).
 
     The dequantized copy feeds the next layer's calibration inputs; without calibration nothing reads it,
     and skipping it saves a third of an RTN file's time."""
     if qtype in FLOAT_TYPES:
         return None, _as_float(t, qtype) if dequantize else None
     bt = block_type(qtype)
-    raw = bt.quantize(t.float().cpu().numpy(), importance)
+    if use_hqq and hqq_blocks.supports(bt):
+        raw = hqq_blocks.quantize(bt, t.float().cpu().numpy())
+    else:
+        raw = bt.quantize(t.float().cpu().numpy(), importance)
     return raw, torch.from_numpy(bt.dequantize(raw, t.shape[1])).to(t.device) if dequantize else None
 
 
@@ -253,7 +264,7 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
     if gcfg.method == "autoround":
         return _autoround_layer(w, x, gcfg, spec, rope, names, types, imatrix, where, target)
     stats = None
-    if gcfg.method != "rtn":
+    if gcfg.needs_calibration:
         assert x is not None
         # float32 products: measured KLD 0.01922 vs 0.01925 with float64 ones (Q4_K_M gptq, README: Scale)
         stats = gather_stats(x, w, spec, rope, LayerStats(True, gcfg.smooths, where.stats_dtype, sums=gcfg.smooths,
@@ -286,11 +297,11 @@ def quantize_gguf_layer(w: dict[str, torch.Tensor], x: torch.Tensor | None, gcfg
                                                          in sets], names[sets[0][2][0]], _gptq_cfg(gcfg))
                  for lead, sets in gptq_jobs]
     if where.on_cpu:
-        rtn_results = _rtn_in_workers(w, rtn_jobs, want_deq)
+        rtn_results = _rtn_in_workers(w, rtn_jobs, want_deq, gcfg.method == "hqq")
         gptq_results = run_jobs(_gptq_job, gptq_args,
                                 [sum(w[m].numel() for _, _, ms in sets for m in ms) for _, sets in gptq_jobs])
     else:
-        rtn_results = [_rtn_job(w[m], qtype, imp, want_deq) for m, qtype, imp in rtn_jobs]
+        rtn_results = [_rtn_job(w[m], qtype, imp, want_deq, gcfg.method == "hqq") for m, qtype, imp in rtn_jobs]
         gptq_results = [_gptq_job(*args) for args in gptq_args]
     members = [m for m, _, _ in rtn_jobs] + [m for _, sets in gptq_jobs for _, _, ms in sets for m in ms]
     flat = rtn_results + [r for group in gptq_results for r in group]
@@ -337,14 +348,14 @@ def _autoround_layer(w: dict[str, torch.Tensor], x: torch.Tensor, gcfg: GGUFConf
 RTN_JOB_ELEMENTS = 1 << 20  # weights per worker job: rows are independent, so tensors split evenly
 
 
-def _rtn_in_workers(w: dict[str, torch.Tensor], jobs: list, want_deq: bool) -> list:
+def _rtn_in_workers(w: dict[str, torch.Tensor], jobs: list, want_deq: bool, use_hqq: bool = False) -> list:
     """_rtn_job over row chunks of every tensor, so the workers stay evenly loaded within a layer."""
     pieces, owner = [], []
     for k, (m, qtype, imp) in enumerate(jobs):
         rows, cols = w[m].shape
         step = rows if qtype in FLOAT_TYPES else max(1, RTN_JOB_ELEMENTS // cols)
         for start in range(0, rows, step):
-            pieces.append((w[m][start:start + step].numpy(), qtype, imp, want_deq))
+            pieces.append((w[m][start:start + step].numpy(), qtype, imp, want_deq, use_hqq))
             owner.append(k)
     done = run_jobs(_rtn_job, pieces, [p[0].size for p in pieces])
     out = []
@@ -360,10 +371,10 @@ def _as_tensor(a, device: torch.device) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(a).to(device)
 
 
-def _rtn_job(weight, qtype: str, imp, want_deq: bool):
-    """(raw rows or None, dequantized weight or None) of one tensor by llama.cpp's own block search."""
+def _rtn_job(weight, qtype: str, imp, want_deq: bool, use_hqq: bool = False):
+    """(raw rows or None, dequantized weight or None) of one tensor by llama.cpp's own block search (or HQQ)."""
     t = _as_tensor(weight, torch.device("cpu"))
-    raw, d = rtn_tensor(t, qtype, imp, dequantize=want_deq)
+    raw, d = rtn_tensor(t, qtype, imp, dequantize=want_deq, use_hqq=use_hqq)
     if not want_deq:
         return raw, None
     return raw, d if isinstance(weight, torch.Tensor) else d.numpy()
@@ -449,12 +460,12 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
     where = placement(device, offload_activations)
     if where.on_cpu:
         workers.prestart()  # fork the block-search workers while nothing large is in memory
-    if gcfg.method != "rtn" and calib is None:
+    if gcfg.needs_calibration and calib is None:
         raise LowbitError(f"--method {gcfg.method} needs calibration text; pass --calib-text FILE")
     spec = folder.spec
     t0 = time.perf_counter()
     vocab = vocab or model_vocab(Path(model_dir), folder.config)  # an unmappable tokenizer fails before any work
-    state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.method != "rtn" else None, imatrix))
+    state = PartialRun(out, _run_key(model_dir, gcfg, calib if gcfg.needs_calibration else None, imatrix))
 
     def step(i: int, w: dict[str, torch.Tensor], x: torch.Tensor | None, rope, names: dict[str, str],
              target: torch.Tensor | None = None):
@@ -463,7 +474,7 @@ def quantize_to_gguf(model_dir: Path, gcfg: GGUFConfig, out: Path, overwrite: bo
         saved.update({f"{k}.raw": torch.from_numpy(v) for k, v in raws.items()})
         return deq, saved
 
-    run_sequential(folder, gcfg.name, state, calib if gcfg.method != "rtn" else None, step, after_layer, where,
+    run_sequential(folder, gcfg.name, state, calib if gcfg.needs_calibration else None, step, after_layer, where,
                    fp_targets=gcfg.method == "autoround")
     # the Modelfile is written first and renamed right after the GGUF, so a full disk fails before
     # the GGUF is in place, never after it
