@@ -16,9 +16,8 @@ dequantized float32 weights. Sections:
     transformers. Both are bitsandbytes files; lowbit's reader scores them (its dequantization is checked
     bit for bit against bitsandbytes' in tests/test_consumers_methods.py). Calibration: --samples x --seqlen
     tokens of the Wikipedia calibration split.
-  * autoround: lowbit `autoround:4:128:iN` (AWQ equalization, then SignRound learned twice per block, the
-    lower calibration error kept) and `autoround:4:128:iN:plain` (SignRound alone, once: auto-round's
-    recipe) against the auto-round package (SignRound, W4G128 symmetric, the
+  * autoround: lowbit `autoround:4:128:iN` (AWQ equalization, then SignRound), `...:r2` (each block learned
+    twice, the lower calibration error kept) and `...:plain` (SignRound alone: auto-round's recipe) against the auto-round package (SignRound, W4G128 symmetric, the
     same N = --iters iterations, mini-batch 8, and the very same --samples x --seqlen calibration tokens:
     the token matrix lowbit draws is handed to auto-round as ready token ids), with lowbit rtn:4:128 and
     gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit `autoround:B:G:iN`
@@ -145,7 +144,7 @@ def autoround_notes(rows: list[dict], bits: list[int], group: int, iters: int) -
     by = {r["contender"]: r for r in rows}
     out = []
     peer = by.get(f"auto-round 4:128:i{iters}")
-    for flag in ("", ":plain"):
+    for flag in ("", ":r2", ":plain"):
         ours = by.get(f"lowbit autoround:4:128:i{iters}{flag}")
         if peer and ours:
             k = " / ".join(f"{t} {ours[t]['kld_mean'] / peer[t]['kld_mean']:.3f}x" for t in TEXTS)
@@ -253,7 +252,8 @@ def main() -> int:
                         (results.parent / f"{args.name}.autoround.error.txt").write_text(str(exc) + "\n")
                         meta["notes"] += f"auto-round failed: {str(exc).splitlines()[-1]}\n"
                     write_results(results, meta, rows)
-                plain = (f"autoround:{b}:{g}:i{it}:plain",) if b == 4 else ()  # SignRound alone, auto-round's recipe
+                # SignRound alone (auto-round's recipe) and two restarts per block, beside the default
+                plain = (f"autoround:{b}:{g}:i{it}:r2", f"autoround:{b}:{g}:i{it}:plain") if b == 4 else ()
                 for cfg in (f"autoround:{b}:{g}:i{it}", *plain, f"gptq:{b}:{g}", f"rtn:{b}:{g}"):
                     calib = None if cfg.startswith("rtn") else calib_npy
                     rows.append(lowbit_row(sessions, model_dir, cfg, work, calib))

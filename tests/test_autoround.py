@@ -73,6 +73,9 @@ def test_checkpoint_exports_exactly(small_model_dir: Path, tmp_path: Path) -> No
     assert qcfg.iters == 3 and qcfg.name == "autoround:4:64:asym:i3" and not qcfg.plain
     assert parse_config("autoround:4:64:i3:plain").name == "autoround:4:64:i3:plain"
     assert parse_config("autoround:4:64:i3:plain").autoround == autoround.AutoRoundConfig.plain(3)
+    r2 = parse_config("autoround:4:64:i3:r2")
+    assert r2.name == "autoround:4:64:i3:r2" and r2.autoround.restarts == 2 and r2.autoround.smooth
+    assert QuantConfig.from_dict(r2.to_dict()) == r2
     quantize_checkpoint(small_model_dir, qcfg, tmp_path / "ck", calib=calib)
     ck = LowbitCheckpoint(tmp_path / "ck")
     assert QuantConfig.from_dict(ck.meta["quant"]) == qcfg
@@ -86,6 +89,8 @@ def test_options_are_checked(small_model_dir: Path, tmp_path: Path) -> None:
         parse_config("gptq:4:128:i50")
     with pytest.raises(LowbitError, match="plain applies to autoround only"):
         parse_config("gptq:4:128:plain")
+    with pytest.raises(LowbitError, match="autoround only"):
+        parse_config("gptq:4:128:r2")
     with pytest.raises(LowbitError, match="calib"):
         quantize_checkpoint(small_model_dir, parse_config("autoround:4:128"), tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -3,15 +3,16 @@
 A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
 `rtn:3:64:asym` or `gptq:4:128:act`; group `ch` (or -1) means per channel.
 Flags: `sym` (default) / `asym`, for GPTQ `act` (act-order with g_idx)
-and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`) and
-`plain` (SignRound alone, as the auto-round package: no AWQ equalization first, no scale refinement after).
+and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`), `rN`
+(learn each block N times with other seeds, keep the lowest calibration error; N times the time) and
+`plain` (SignRound alone, as the auto-round package: no AWQ equalization first).
 """
 
 from __future__ import annotations
 
 import re
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -99,6 +100,7 @@ class QuantConfig:
     lr: float = 0.0  # autoround only; 0 means 1 / iters
     seed: int = 0  # autoround only: its mini-batch draws
     plain: bool = False  # autoround only: SignRound alone (AutoRoundConfig.plain)
+    restarts: int = 1  # autoround only: runs per block, the lowest calibration error kept
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -116,17 +118,19 @@ class QuantConfig:
         flags += ":fzero" if self.grid.float_zero else ""
         flags += ":static" if self.static_groups else ":act" if self.act_order else ""
         flags += f":i{self.iters}" if self.method == "autoround" else ""
+        flags += f":r{self.restarts}" if self.restarts > 1 else ""
         flags += ":plain" if self.plain else ""
         return f"{self.method}:{self.grid.bits}:{g}{flags}"
 
     @property
     def autoround(self) -> "autoround.AutoRoundConfig":
-        if self.plain:
-            return autoround.AutoRoundConfig.plain(self.iters, self.lr or None, self.seed)
-        return autoround.AutoRoundConfig(self.iters, self.lr or None, seed=self.seed)
+        base = (autoround.AutoRoundConfig.plain(self.iters, self.lr or None, self.seed) if self.plain
+                else autoround.AutoRoundConfig(self.iters, self.lr or None, seed=self.seed))
+        return replace(base, restarts=self.restarts)
 
     def to_dict(self) -> dict:
-        extra = ({"iters": self.iters, "lr": self.lr, "seed": self.seed, "plain": self.plain}
+        extra = ({"iters": self.iters, "lr": self.lr, "seed": self.seed, "plain": self.plain,
+                  "restarts": self.restarts}
                  if self.method == "autoround" else {})
         return extra | {
             "method": self.method,
@@ -146,7 +150,8 @@ class QuantConfig:
         grid = GridConfig.from_meta(d)
         return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
                    bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)),
-                   int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)), bool(d.get("plain")))
+                   int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)), bool(d.get("plain")),
+                   int(d.get("restarts", 1)))
 
 
 def parse_config(text: str) -> QuantConfig:
@@ -166,9 +171,10 @@ def parse_config(text: str) -> QuantConfig:
         raise LowbitError(f"config {text!r}: group {group_text!r} must be 32, 64, 128, 256 or ch") from None
     flags = set(parts[3:])
     iters = [f for f in flags if re.fullmatch(r"i[1-9][0-9]*", f)]
-    if iters and method != "autoround":
-        raise LowbitError(f"config {text!r}: iN (iterations) applies to autoround only")
-    flags -= set(iters)
+    restarts = [f for f in flags if re.fullmatch(r"r[1-9][0-9]*", f)]
+    if (iters or restarts) and method != "autoround":
+        raise LowbitError(f"config {text!r}: iN (iterations) and rN (restarts) apply to autoround only")
+    flags -= set(iters) | set(restarts)
     unknown = flags - {"sym", "asym", "act", "static", "fzero", "plain"}
     if unknown:
         raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; "
@@ -179,4 +185,4 @@ def parse_config(text: str) -> QuantConfig:
         raise LowbitError(f"config {text!r}: act/static apply to gptq only")
     return QuantConfig(method, GridConfig(bits, group, "asym" not in flags, "fzero" in flags), act_order="act" in flags,
                        static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50,
-                       plain="plain" in flags)
+                       plain="plain" in flags, restarts=int(restarts[0][1:]) if restarts else 1)
