@@ -328,6 +328,37 @@ def test_gptq_and_awq_exports_read_back_exactly(exports, fam: str) -> None:
             assert torch.equal(folder.tensor(name), ck.tensor(name)), (fmt, name)
 
 
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_autoround_with_equalization_exports_to_transformers(models, eval_text, root: Path, fam: str) -> None:
+    """AutoRound's default (AWQ's equalization rewrites norms, producers and Qwen2's q/k/v biases, then
+    SignRound) on every layout: the checkpoint carries the rewritten tensors (they differ from the source's),
+    and transformers + compressed-tensors runs its export with nothing missing and lowbit's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.calib.dataset import CalibConfig, build_calibration
+    from lowbit.calib.text import default_calib_text
+    from lowbit.eval.data import load_tokenizer
+    from lowbit.formats.hf_export import export_checkpoint
+    from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
+    from lowbit.quant.methods import parse_config
+    from lowbit.quant.pipeline import quantize_checkpoint
+
+    calib = build_calibration(load_tokenizer(models[fam]), default_calib_text(), CalibConfig(4, 64, seed=0))
+    ck_dir = root / f"{fam}-autoround"
+    quantize_checkpoint(models[fam], parse_config("autoround:4:32:i2"), ck_dir, calib=calib)
+    ck, src = LowbitCheckpoint(ck_dir), ModelFolder(models[fam])
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    assert not torch.equal(ck.tensor(norm).float(), src.get(norm).float())  # the up/gate equalization is stored
+    ct = export_checkpoint(ck_dir, "compressed-tensors", root / f"{fam}-autoround-ct")
+    ids = torch.tensor([_text_ids(models[fam], eval_text)])
+    model, info = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}
+    with torch.inference_mode():
+        theirs = model.eval()(ids).logits[0].float()
+    ours = dict(iter_logits(ck, ids))[0]
+    assert token_kld(torch.log_softmax(ours, -1), theirs).mean().item() < 1e-3
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -175,12 +175,13 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
     the quantized blocks before it. None: the float block's output on `x` itself."""
     if acfg.smooth:
         smooth(w, x, spec, rope, grid, acfg.batch)
-    best_error, best = float("inf"), None
-    for k in range(max(acfg.restarts, 1)):
+    best_error, best, runs = float("inf"), None, max(acfg.restarts, 1)
+    for k in range(runs):
         with torch.inference_mode(False):  # the pipeline runs in inference mode; learnables need autograd
             params = {s: _Params(w[s].detach().clone().float(), grid) for s in LINEAR_SHORTS}
-        error = learn_block(w, x, spec, rope, params, replace(acfg, seed=acfg.seed + 1000 * k), target)
-        if error < best_error:  # ties keep the earlier run
+        error = learn_block(w, x, spec, rope, params, replace(acfg, seed=acfg.seed + 1000 * k), target,
+                            measure=runs > 1)
+        if error is None or error < best_error:  # ties keep the earlier run
             best_error, best = error, params
     return {s: p.quantized() for s, p in best.items()}
 
@@ -197,11 +198,11 @@ def smooth(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, g
 
 
 def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, params: dict,
-                acfg: AutoRoundConfig, target: torch.Tensor | None = None) -> float:
+                acfg: AutoRoundConfig, target: torch.Tensor | None = None, measure: bool = False) -> float | None:
     """SignRound's loop: move each learnable of `params` (short -> an object with fake(), tensors() and
     clamp_(lo, hi)) by lr * sign(gradient) of the block's output error, keeping the best iterate in place.
-    Linears not in `params` run as they are in `w`. Returns the kept iterate's mean squared output error
-    over all of `x` (what restarts compare)."""
+    Linears not in `params` run as they are in `w`. With `measure`, returns the kept iterate's mean squared
+    output error over all of `x` (what restarts compare; one more forward pass over the samples)."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().float()
         fixed = {k: v.detach().clone().float() for k, v in w.items()}
@@ -232,6 +233,8 @@ def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, ro
             if best is not None:
                 for t, b in zip([t for p in params.values() for t in p.tensors()], best):
                     t.copy_(b)
+            if not measure:
+                return None
             learned = {**fixed, **{s: p.fake() for s, p in params.items()}}
         return _mean_error(x, target, learned, spec, rope, acfg.batch)
 
