@@ -128,7 +128,7 @@ def test_cli_gguf_export_and_errors(small_model_dir: Path, tmp_path: Path, capsy
     assert out.is_file() and (tmp_path / "m.Modelfile").is_file()
     assert "Q4_K_M" in err
     for args, needle in ((("--type", "Q7_K"), "--type"), (("--tensor-type", "attn_v"), "--tensor-type"),
-                         (("--tensor-type", "attn_v=Q9_0"), "Q9_0"), (("--method", "hqq"), "--method")):
+                         (("--tensor-type", "attn_v=Q9_0"), "Q9_0"), (("--method", "aqlm"), "--method")):
         bad = tmp_path / "bad.gguf"
         code, err = _cli(capsys, "quantize", str(small_model_dir), "--format", "gguf", *args, "-o", str(bad))
         lines = [ln for ln in err.splitlines() if ln.strip()]
