@@ -151,7 +151,7 @@ def test_smoothing_keeps_the_float_block_and_is_stored(block) -> None:
     norms and producers are rewritten in the dict the pipeline stores), and moves them for real."""
     folder, w, x, rope = block
     smoothed = dict(w)
-    autoround.smooth(smoothed, x, folder.spec, rope, GridConfig(4, 128, True), batch=4)
+    autoround.smooth(smoothed, x, folder.spec, rope, GridConfig(4, 128, True))
     ref, got = decoder_layer(x, w, folder.spec, rope), decoder_layer(x, smoothed, folder.spec, rope)
     assert float((got - ref).abs().max()) < 1e-4 * float(ref.abs().max())
     assert not torch.equal(smoothed["attn_norm"], w["attn_norm"]) and not torch.equal(smoothed["up"], w["up"])

@@ -42,7 +42,8 @@ import torch
 from lowbit.model.forward import decoder_layer
 from lowbit.model.hf import ModelSpec
 from lowbit.quant import awq
-from lowbit.quant.stats import LayerStats
+from lowbit.quant.stats import LayerStats, gather_stats
+from lowbit.runtime import Placement
 from lowbit.quant.grid import GridConfig, QuantizedTensor, fp16_nonzero, from_groups, group_view, ungroup
 
 LINEAR_SHORTS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -174,7 +175,7 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
     auto-round does (the pipeline carries both streams), so each block also learns to undo the error of
     the quantized blocks before it. None: the float block's output on `x` itself."""
     if acfg.smooth:
-        smooth(w, x, spec, rope, grid, acfg.batch)
+        smooth(w, x, spec, rope, grid)
     best_error, best, runs = float("inf"), None, max(acfg.restarts, 1)
     for k in range(runs):
         with torch.inference_mode(False):  # the pipeline runs in inference mode; learnables need autograd
@@ -186,14 +187,12 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
     return {s: p.quantized() for s, p in best.items()}
 
 
-def smooth(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, grid: GridConfig, batch: int) -> None:
+def smooth(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, grid: GridConfig) -> None:
     """AWQ's scale search on the block's inputs `x`, folded into `w` in place (norms and producers: the
     pipeline stores them, and the next block's inputs are computed with them)."""
-    stats = LayerStats(hessian=True, activations=True,
-                       dtype=torch.float64 if x.device.type == "cpu" else torch.float32)
+    where = Placement(x.device)
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            decoder_layer(x[i:i + batch], w, spec, rope, hook=stats)
+        stats = gather_stats(x, w, spec, rope, LayerStats(True, True, where.stats_dtype), where)
     awq.smooth_block(w, stats, grid, spec)
 
 

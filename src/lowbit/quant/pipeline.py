@@ -43,12 +43,11 @@ from lowbit.model.forward import batches, build_rope, decoder_layer, layer_weigh
 from lowbit.model.hf import ModelFolder, ModelSpec
 from lowbit.quant.grid import GridConfig, QuantizedTensor, quantize_rtn
 from lowbit.quant.methods import METHODS, Method, QuantConfig
-from lowbit.quant.stats import INPUT_GROUPS, LayerStats
+from lowbit.quant.stats import FORWARD_BATCH, INPUT_GROUPS, LayerStats, gather_stats  # noqa: F401 (re-exported)
 from lowbit.report.progress import info, progress
 from lowbit.runtime import Placement, placement, to_cpu
 
 LINEAR_SHORTS = tuple(short for short, _ in LINEARS)
-FORWARD_BATCH = 8
 
 
 @dataclass
@@ -78,14 +77,6 @@ class QuantStats:
 
 
 # ---------------------------------------------------------------- one layer
-
-
-def gather_stats(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope, stats: LayerStats,
-                 where: Placement = Placement()) -> LayerStats:
-    """Run the layer over every calibration batch (on `where`'s device) with `stats` hooked in."""
-    for sl in batches(x.shape[0], FORWARD_BATCH):
-        decoder_layer(where.compute(x[sl]), w, spec, rope, hook=stats)
-    return stats
 
 
 def quantize_block(method: Method, w: dict[str, torch.Tensor], x: torch.Tensor | None, qcfg: QuantConfig,

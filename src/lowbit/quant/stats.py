@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.model.forward import batches, decoder_layer
+from lowbit.model.hf import ModelSpec
+from lowbit.runtime import Placement
+
+FORWARD_BATCH = 8  # calibration samples per forward pass
+
 INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "q": ("q", "k", "v"),
     "o": ("o",),
@@ -77,3 +83,11 @@ class LayerStats:
 
 def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if acc is None else acc + value
+
+
+def gather_stats(x: torch.Tensor, w: dict[str, torch.Tensor], spec: ModelSpec, rope, stats: LayerStats,
+                 where: Placement = Placement()) -> LayerStats:
+    """Run the layer over every calibration batch (on `where`'s device) with `stats` hooked in."""
+    for sl in batches(x.shape[0], FORWARD_BATCH):
+        decoder_layer(where.compute(x[sl]), w, spec, rope, hook=stats)
+    return stats
