@@ -16,7 +16,7 @@ from lowbit.formats.hf_export import HFExport, export_checkpoint
 from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 from lowbit.model.forward import build_rope, decoder_layer, layer_weights
 from lowbit.model.hf import ModelFolder
-from lowbit.quant import autoround
+from lowbit.quant import autoround, fused
 from lowbit.quant.grid import GridConfig, quantize_rtn
 from lowbit.quant.methods import QuantConfig, parse_config
 from lowbit.quant.pipeline import quantize_checkpoint
@@ -41,12 +41,14 @@ def block_error(block, qts: dict) -> float:
     return float(((out - ref) ** 2).mean())
 
 
-def test_learns_a_lower_block_error_than_rtn(block) -> None:
+@pytest.mark.parametrize("amp", [False, True], ids=["float32", "bfloat16"])
+def test_learns_a_lower_block_error_than_rtn(block, amp: bool) -> None:
     """Starting from RTN (offsets 0, no clipping), 16 sign-gradient steps must cut the block's output error
-    (3-bit g64: 0.052 against RTN's 0.167 at 20 steps when this was written; 4-bit g128 symmetric 0.021 vs 0.052)."""
+    (3-bit g64: 0.052 against RTN's 0.167 at 20 steps when this was written; 4-bit g128 symmetric 0.021 vs 0.052),
+    with float32 matmuls and with bfloat16 ones (the default where the hardware has them)."""
     folder, w, x, rope = block
     grid = GridConfig(3, 64, False)
-    plain = autoround.AutoRoundConfig(iters=16, batch=4, smooth=False, restarts=1)
+    plain = autoround.AutoRoundConfig(iters=16, batch=4, smooth=False, restarts=1, amp=amp)
     learned = autoround.quantize_block(w, x, folder.spec, rope, grid, plain)
     rtn = {s: quantize_rtn(w[s], grid) for s in SHORTS}
     e_ar, e_rtn = block_error(block, learned), block_error(block, rtn)
@@ -73,6 +75,9 @@ def test_checkpoint_exports_exactly(small_model_dir: Path, tmp_path: Path) -> No
     assert qcfg.iters == 3 and qcfg.name == "autoround:4:64:asym:i3" and not qcfg.plain
     assert parse_config("autoround:4:64:i3:plain").name == "autoround:4:64:i3:plain"
     assert parse_config("autoround:4:64:i3:plain").autoround == autoround.AutoRoundConfig.plain(3)
+    fp32 = parse_config("autoround:4:64:i3:fp32")
+    assert fp32.name == "autoround:4:64:i3:fp32" and fp32.autoround.amp is False and qcfg.autoround.amp is None
+    assert QuantConfig.from_dict(fp32.to_dict()) == fp32
     r2 = parse_config("autoround:4:64:i3:r2")
     assert r2.name == "autoround:4:64:i3:r2" and r2.autoround.restarts == 2 and r2.autoround.smooth
     assert QuantConfig.from_dict(r2.to_dict()) == r2
@@ -89,6 +94,8 @@ def test_options_are_checked(small_model_dir: Path, tmp_path: Path) -> None:
         parse_config("gptq:4:128:i50")
     with pytest.raises(LowbitError, match="plain applies to autoround only"):
         parse_config("gptq:4:128:plain")
+    with pytest.raises(LowbitError, match="fp32 applies to autoround only"):
+        parse_config("rtn:4:128:fp32")
     with pytest.raises(LowbitError, match="autoround only"):
         parse_config("gptq:4:128:r2")
     with pytest.raises(LowbitError, match="calib"):
@@ -175,11 +182,20 @@ def test_restarts_keep_the_run_with_the_lower_calibration_error(block) -> None:
                for s in SHORTS)
 
 
+@pytest.fixture(params=["compiled", "eager"])
+def kernels(request, monkeypatch):
+    """FakeQuant's kernels as torch.compile fuses them, and as they run eagerly (LOWBIT_COMPILE=0)."""
+    monkeypatch.setenv("LOWBIT_COMPILE", "1" if request.param == "compiled" else "0")
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    yield request.param
+
+
 @pytest.mark.parametrize("grid", [GridConfig(4, 64, True), GridConfig(3, 32, False)])
-def test_fused_fake_quant_matches_autograd(grid: GridConfig) -> None:
+def test_fused_fake_quant_matches_autograd(grid: GridConfig, kernels: str) -> None:
     """The fused forward/backward (FakeQuant) against autograd through the op-by-op formulation (codes):
     equal fake weights, equal offset gradients, clip-ratio gradients equal to float rounding. A short last
-    group (200 = 3 x 64 + 8) and clipped codes (offsets and ratios away from their start) are included."""
+    group (200 = 3 x 64 + 8) and clipped codes (offsets and ratios away from their start) are included.
+    The bfloat16 fake weight (mixed precision) is the float32 one rounded."""
     torch.manual_seed(0)
     p = autoround._Params(torch.randn(48, 200) * 0.05, grid)
     with torch.no_grad():
@@ -188,10 +204,10 @@ def test_fused_fake_quant_matches_autograd(grid: GridConfig) -> None:
         p.beta.uniform_(0.6, 1.0)
     upstream = torch.randn(48, 200)
     results = []
-    for fused in (False, True):
+    for through_kernel in (False, True):
         for t in p.tensors():
             t.grad = None
-        if fused:
+        if through_kernel:
             y = p.fake()
         else:
             q, scale, zero = p.codes()
@@ -200,5 +216,9 @@ def test_fused_fake_quant_matches_autograd(grid: GridConfig) -> None:
         results.append([y.detach().clone()] + [t.grad.clone() for t in p.tensors()])
     (y_ref, v_ref, a_ref, b_ref), (y_fused, v_fused, a_fused, b_fused) = results
     assert torch.equal(y_ref, y_fused) and torch.equal(v_ref, v_fused)
+    assert torch.equal(p.fake(torch.bfloat16), y_ref.to(torch.bfloat16))
+    if kernels == "compiled":
+        assert isinstance(fused.kernel(autoround.fake_quant_forward), fused._Guarded)
+        assert fused.kernel(autoround.fake_quant_forward).compiled is not None  # it ran compiled, no fallback
     for ref, got in ((a_ref, a_fused), (b_ref, b_fused)):
         assert float((ref - got).abs().max()) <= 1e-5 * float(ref.abs().max()) and float(ref.abs().max()) > 0

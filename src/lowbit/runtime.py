@@ -64,6 +64,17 @@ def resolve_device(name: str | None) -> torch.device:
     raise LowbitError(f"--device {name!r}: unknown device; choose {DEVICE_CHOICES}")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware (a CUDA GPU from Ampere on; a CPU with
+    AVX512-BF16 or AMX), so mixed precision is faster there rather than emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or amx())
+    return False
+
+
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())

@@ -53,8 +53,8 @@ class BlockGridParams:
         q = torch.clamp(q, self.btype.qmin, self.btype.qmax)
         return torch.where(self.live, q, self.dead_codes)
 
-    def fake(self) -> torch.Tensor:
-        return self.scale * (self._codes() - self.btype.zero) + self.bias
+    def fake(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.scale * (self._codes() - self.btype.zero) + self.bias).to(dtype)
 
     @torch.no_grad()
     def clamp_(self, lo: float, hi: float) -> None:

@@ -5,7 +5,8 @@ A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
 Flags: `sym` (default) / `asym`, for GPTQ `act` (act-order with g_idx)
 and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`), `rN`
 (learn each block N times with other seeds, keep the lowest calibration error; N times the time) and
-`plain` (SignRound alone, as the auto-round package: no AWQ equalization first).
+`plain` (SignRound alone, as the auto-round package: no AWQ equalization first) and `fp32` (float32
+matmuls where the hardware has bfloat16 ones: AutoRound's default, like auto-round's on CPU, is bfloat16 there).
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class QuantConfig:
     seed: int = 0  # autoround only: its mini-batch draws
     plain: bool = False  # autoround only: SignRound alone (AutoRoundConfig.plain)
     restarts: int = 1  # autoround only: runs per block, the lowest calibration error kept
+    fp32: bool = False  # autoround only: float32 matmuls even where the hardware has bfloat16 ones
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -120,17 +122,18 @@ class QuantConfig:
         flags += f":i{self.iters}" if self.method == "autoround" else ""
         flags += f":r{self.restarts}" if self.restarts > 1 else ""
         flags += ":plain" if self.plain else ""
+        flags += ":fp32" if self.fp32 else ""
         return f"{self.method}:{self.grid.bits}:{g}{flags}"
 
     @property
     def autoround(self) -> "autoround.AutoRoundConfig":
         base = (autoround.AutoRoundConfig.plain(self.iters, self.lr or None, self.seed) if self.plain
                 else autoround.AutoRoundConfig(self.iters, self.lr or None, seed=self.seed))
-        return replace(base, restarts=self.restarts)
+        return replace(base, restarts=self.restarts, amp=False if self.fp32 else None)
 
     def to_dict(self) -> dict:
         extra = ({"iters": self.iters, "lr": self.lr, "seed": self.seed, "plain": self.plain,
-                  "restarts": self.restarts}
+                  "restarts": self.restarts, "fp32": self.fp32}
                  if self.method == "autoround" else {})
         return extra | {
             "method": self.method,
@@ -151,7 +154,7 @@ class QuantConfig:
         return cls(d["method"], grid, bool(d.get("quantize_embedding")), bool(d.get("quantize_lm_head")),
                    bool(d.get("act_order")), bool(d.get("static_groups")), float(d.get("damp_percent", 0.01)),
                    int(d.get("iters", 50)), float(d.get("lr", 0.0)), int(d.get("seed", 0)), bool(d.get("plain")),
-                   int(d.get("restarts", 1)))
+                   int(d.get("restarts", 1)), bool(d.get("fp32")))
 
 
 def parse_config(text: str) -> QuantConfig:
@@ -175,14 +178,16 @@ def parse_config(text: str) -> QuantConfig:
     if (iters or restarts) and method != "autoround":
         raise LowbitError(f"config {text!r}: iN (iterations) and rN (restarts) apply to autoround only")
     flags -= set(iters) | set(restarts)
-    unknown = flags - {"sym", "asym", "act", "static", "fzero", "plain"}
+    unknown = flags - {"sym", "asym", "act", "static", "fzero", "plain", "fp32"}
     if unknown:
         raise LowbitError(f"config {text!r}: unknown flag(s) {', '.join(sorted(unknown))}; "
-                          "use sym, asym, act, static, fzero, plain")
-    if "plain" in flags and method != "autoround":
-        raise LowbitError(f"config {text!r}: plain applies to autoround only")
+                          "use sym, asym, act, static, fzero, plain, fp32")
+    for flag in ("plain", "fp32"):
+        if flag in flags and method != "autoround":
+            raise LowbitError(f"config {text!r}: {flag} applies to autoround only")
     if {"act", "static"} & flags and method != "gptq":
         raise LowbitError(f"config {text!r}: act/static apply to gptq only")
     return QuantConfig(method, GridConfig(bits, group, "asym" not in flags, "fzero" in flags), act_order="act" in flags,
                        static_groups="static" in flags, iters=int(iters[0][1:]) if iters else 50,
-                       plain="plain" in flags, restarts=int(restarts[0][1:]) if restarts else 1)
+                       plain="plain" in flags, restarts=int(restarts[0][1:]) if restarts else 1,
+                       fp32="fp32" in flags)
