@@ -89,6 +89,8 @@ class _Params:
         self.beta = torch.ones(shape, requires_grad=True)
         extreme = torch.gather(self.g, -1, self.g.abs().argmax(-1, keepdim=True)).squeeze(-1)
         self.positive_extreme = extreme > 0  # the sign RTN's symmetric scale takes (first largest |w|)
+        self.group_max = self.g.amax(-1).clamp(min=0)  # the weights are fixed: their extremes once
+        self.group_min = self.g.amin(-1).clamp(max=0)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.v, self.alpha, self.beta]
@@ -96,8 +98,8 @@ class _Params:
     def scale_zero(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable scale (float) and zero (rounded with a straight-through estimator)."""
         cfg = self.cfg
-        wmax = self.g.amax(-1).clamp(min=0) * self.alpha
-        wmin = self.g.amin(-1).clamp(max=0) * self.beta
+        wmax = self.group_max * self.alpha
+        wmin = self.group_min * self.beta
         if cfg.symmetric:
             # the signed extreme, as lowbit's RTN (grid.fit_scale_zero) and auto-round take it: the group's
             # largest magnitude lands exactly on code 0 (-2^(b-1) levels), whichever its sign; a positive
@@ -120,11 +122,9 @@ class _Params:
         scale, zero = self.scale_zero()
         return ungroup(FakeQuant.apply(self.g, self.v, scale, zero, self.cfg.qmax, dtype), self.n_in)
 
-    @torch.no_grad()
-    def clamp_(self, lo: float, hi: float) -> None:
-        self.v.clamp_(-0.5, 0.5)
-        self.alpha.clamp_(lo, hi)
-        self.beta.clamp_(lo, hi)
+    def ranges(self, lo: float, hi: float) -> list[tuple[float, float]]:
+        """Each learnable's bounds (tensors() order): SignRound steps stay inside them."""
+        return [(-0.5, 0.5), (lo, hi), (lo, hi)]
 
     @torch.no_grad()
     def quantized(self) -> QuantizedTensor:
@@ -201,7 +201,7 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
     auto-round does (the pipeline carries both streams), so each block also learns to undo the error of
     the quantized blocks before it. None: the float block's output on `x` itself."""
     if acfg.smooth:
-        smooth(w, x, spec, rope, grid)
+        smooth(w, x, spec, rope, grid, acfg.matmul_dtype(x.device))
     best_error, best, runs = float("inf"), None, max(acfg.restarts, 1)
     for k in range(runs):
         with torch.inference_mode(False):  # the pipeline runs in inference mode; learnables need autograd
@@ -213,19 +213,23 @@ def quantize_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec,
     return {s: p.quantized() for s, p in best.items()}
 
 
-def smooth(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, grid: GridConfig) -> None:
+def smooth(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, grid: GridConfig,
+           dtype: torch.dtype = torch.float32) -> None:
     """AWQ's scale search on the block's inputs `x`, folded into `w` in place (norms and producers: the
-    pipeline stores them, and the next block's inputs are computed with them)."""
+    pipeline stores them, and the next block's inputs are computed with them). Each batch's Gram product
+    in float32 (the running mean stays in the statistics' dtype), and the search's error products in
+    `dtype`, SignRound's matmul precision: the search only ranks 20 candidate scales."""
     where = Placement(x.device)
     with torch.no_grad():
-        stats = gather_stats(x, w, spec, rope, LayerStats(True, True, where.stats_dtype), where)
-    awq.smooth_block(w, stats, grid, spec)
+        stats = gather_stats(x, w, spec, rope, LayerStats(True, True, where.stats_dtype,
+                                                          product_dtype=torch.float32), where)
+    awq.smooth_block(w, stats, grid, spec, awq.AWQConfig(error_dtype=dtype))
 
 
 def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, rope, params: dict,
                 acfg: AutoRoundConfig, target: torch.Tensor | None = None, measure: bool = False) -> float | None:
-    """SignRound's loop: move each learnable of `params` (short -> an object with fake(), tensors() and
-    clamp_(lo, hi)) by lr * sign(gradient) of the block's output error, keeping the best iterate in place.
+    """SignRound's loop: move each learnable of `params` (short -> an object with fake(dtype), tensors() and
+    ranges(lo, hi)) by lr * sign(gradient) of the block's output error, keeping the best iterate in place.
     Linears not in `params` run as they are in `w`. With `measure`, returns the kept iterate's mean squared
     output error over all of `x` (what restarts compare; one more forward pass over the samples)."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -239,6 +243,7 @@ def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, ro
         lr0 = acfg.lr if acfg.lr is not None else 1.0 / max(acfg.iters, 1)
         gen = torch.Generator().manual_seed(acfg.seed)
         learnables = [t for p in params.values() for t in p.tensors()]
+        bounds = [r for p in params.values() for r in p.ranges(*acfg.clip_range)]
         dtype = acfg.matmul_dtype(x.device)
         best_loss, best = float("inf"), None
         for it in range(acfg.iters):
@@ -253,11 +258,9 @@ def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, ro
             loss.backward()
             lr = lr0 * (1 - it / acfg.iters)
             with torch.no_grad():
-                for t in learnables:
-                    t.sub_(t.grad.sign_(), alpha=lr)
+                for t, (lo, hi) in zip(learnables, bounds):
+                    t.sub_(t.grad.sign_(), alpha=lr).clamp_(lo, hi)
                     t.grad = None
-                for p in params.values():
-                    p.clamp_(*acfg.clip_range)
         with torch.no_grad():
             if best is not None:
                 for t, b in zip(learnables, best):

@@ -56,9 +56,8 @@ class BlockGridParams:
     def fake(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.scale * (self._codes() - self.btype.zero) + self.bias).to(dtype)
 
-    @torch.no_grad()
-    def clamp_(self, lo: float, hi: float) -> None:
-        self.v.clamp_(-0.5, 0.5)
+    def ranges(self, lo: float, hi: float) -> list[tuple[float, float]]:
+        return [(-0.5, 0.5)]  # the offset only: the header fields stay llama.cpp's
 
     @torch.no_grad()
     def raw(self) -> np.ndarray:

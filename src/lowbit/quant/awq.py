@@ -37,6 +37,9 @@ class AWQConfig:
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     skip_clip: tuple[str, ...] = ("q", "k")  # attention logits are too sensitive to clipped q/k
+    # the scale search's error products: bfloat16 (float32 accumulation) where a caller trades the last
+    # digits of each candidate's error for speed (AutoRound's equalization, which SignRound refines anyway)
+    error_dtype: torch.dtype = torch.float32
 
 
 SMOOTHING = (
@@ -69,8 +72,9 @@ def _candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor, acfg: AWQConfi
 
 
 def output_error(diff: torch.Tensor, gram: torch.Tensor) -> float:
-    """Mean squared output error of a weight error `diff` [out, in] over the tokens behind `gram`."""
-    return float(((diff @ gram) * diff).sum())
+    """Mean squared output error of a weight error `diff` [out, in] over the tokens behind `gram`
+    (in `gram`'s dtype: a bfloat16 Gram matrix gives a bfloat16 product, summed in float32)."""
+    return float(((diff.to(gram.dtype) @ gram).float() * diff).sum())
 
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]
@@ -108,7 +112,7 @@ def smooth_block(w: dict[str, torch.Tensor], stats: LayerStats, cfg: GridConfig,
         g = stats.groups[group]
         if g.hessian is None:
             continue
-        s, a = search_scale([w[c] for c in consumers], g.hessian.float(), g.mean_abs(), cfg, acfg,
+        s, a = search_scale([w[c] for c in consumers], g.hessian.to(acfg.error_dtype), g.mean_abs(), cfg, acfg,
                             [fakes[c] for c in consumers] if fakes else None)
         for c in consumers:
             w[c] = w[c] * s
