@@ -16,13 +16,15 @@ dequantized float32 weights. Sections:
     transformers. Both are bitsandbytes files; lowbit's reader scores them (its dequantization is checked
     bit for bit against bitsandbytes' in tests/test_consumers_methods.py). Calibration: --samples x --seqlen
     tokens of the Wikipedia calibration split.
-  * autoround: lowbit `autoround:4:128:iN` (AWQ equalization, then SignRound), `...:r2` (each block learned
-    twice, the lower calibration error kept) and `...:plain` (SignRound alone: auto-round's recipe) against the auto-round package (SignRound, W4G128 symmetric, the
-    same N = --iters iterations, mini-batch 8, and the very same --samples x --seqlen calibration tokens:
-    the token matrix lowbit draws is handed to auto-round as ready token ids), with lowbit rtn:4:128 and
-    gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit `autoround:B:G:iN`
-    against lowbit `gptq:B:G` (and rtn). auto-round runs in float32 (its CPU default, amp, would tune in
-    bfloat16), torch.compile at its default; its row's "quantize s" is its own `quantize()` call, and
+  * autoround: lowbit `autoround:4:128:iN` (AWQ equalization, then SignRound; bfloat16 matmuls on a CPU
+    with AVX512-BF16/AMX, as auto-round's CPU default), `...:fp32` (float32 matmuls), `...:r2` (each block
+    learned twice, the lower calibration error kept) and `...:plain` (SignRound alone: auto-round's recipe)
+    against the auto-round package twice, in bfloat16 (`--amp`, its CPU default) and in float32 (SignRound,
+    W4G128 symmetric, the same N = --iters iterations, mini-batch 8, and the very same --samples x --seqlen
+    calibration tokens: the token matrix lowbit draws is handed to auto-round as ready token ids), with
+    lowbit rtn:4:128 and gptq:4:128 for context; then, for the other B in --bits at group --group, lowbit
+    `autoround:B:G:iN` against lowbit `gptq:B:G` (and rtn). auto-round runs torch.compile at its default;
+    its row's "quantize s" is its own `quantize()` call, and
     process_s the whole child process (load, quantize, writing the weights). lowbit's "quantize s" is its
     pipeline's own clock (read layers, quantize, write the checkpoint), process_s its whole process.
 
@@ -111,16 +113,19 @@ def bnb_peer_row(sessions: dict, model_dir: Path, kind: str, work: Path) -> dict
 
 
 def autoround_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, iters: int, work: Path,
-                       calib_npy: Path) -> dict:
-    out = work / f"autoround-{bits}-{group}-i{iters}"
+                       calib_npy: Path, amp: bool) -> dict:
+    """auto-round in bfloat16 (`amp`: its CPU default) or float32."""
+    out = work / f"autoround-{bits}-{group}-i{iters}-{'bf16' if amp else 'fp32'}"
     wall, rss = run_child(str(ensure_peer_venv("autoround")), HERE / "peers" / "autoround_quantize.py",
                           ["--model", str(model_dir), "--calib-tokens", str(calib_npy), "--out", str(out),
-                           "--bits", str(bits), "--group-size", str(group), "--iters", str(iters)])
+                           "--bits", str(bits), "--group-size", str(group), "--iters", str(iters)]
+                          + (["--amp"] if amp else []))
     info = json.loads((out / "peer.json").read_text())
     if info["unquantized_layers"]:
         raise RuntimeError(f"auto-round left decoder linears off its grid: {info['unquantized_layers'][:5]}")
     return score_all(sessions, FolderWeights(ModelFolder(out / "dequantized")),
-                     f"auto-round {bits}:{group}:i{iters}", info["bpw"], 0, info["quantize_wall_s"], rss,
+                     f"auto-round {bits}:{group}:i{iters} {'bf16' if amp else 'fp32'}", info["bpw"], 0,
+                     info["quantize_wall_s"], rss,
                      tool="auto-round", version=info["versions"]["auto-round"], process_s=round(wall, 1),
                      settings=info["settings"], grid=info["grid"])
 
@@ -143,12 +148,13 @@ def autoround_notes(rows: list[dict], bits: list[int], group: int, iters: int) -
     """The issue's acceptance figures, read off the rows: lowbit / auto-round at W4G128, autoround vs gptq below."""
     by = {r["contender"]: r for r in rows}
     out = []
-    peer = by.get(f"auto-round 4:128:i{iters}")
-    for flag in ("", ":r2", ":plain"):
-        ours = by.get(f"lowbit autoround:4:128:i{iters}{flag}")
+    pairs = [(flag, precision) for flag in ("", ":r2", ":plain") for precision in ("bf16", "fp32")]
+    pairs.append((":fp32", "fp32"))  # like for like in float32
+    for flag, precision in pairs:
+        ours, peer = by.get(f"lowbit autoround:4:128:i{iters}{flag}"), by.get(f"auto-round 4:128:i{iters} {precision}")
         if peer and ours:
             k = " / ".join(f"{t} {ours[t]['kld_mean'] / peer[t]['kld_mean']:.3f}x" for t in TEXTS)
-            out.append(f"- W4G128, {iters} iterations: lowbit autoround{flag} / auto-round KLD {k}; time "
+            out.append(f"- W4G128, {iters} iterations: lowbit autoround{flag} / auto-round {precision} KLD {k}; time "
                        f"{ours['quantize_s']} s vs {peer['process_s']} s whole process "
                        f"({ours['quantize_s'] / peer['process_s']:.2f}x), vs {peer['quantize_s']} s auto-round "
                        f"quantize() alone ({ours['quantize_s'] / peer['quantize_s']:.2f}x).")
@@ -245,15 +251,16 @@ def main() -> int:
             it = args.iters
             for b in bits:
                 g = 128 if b == 4 else args.group
-                if b == 4:
+                for amp in ((True, False) if b == 4 else ()):
                     try:
-                        rows.append(autoround_peer_row(sessions, model_dir, 4, 128, it, work, calib_npy))
+                        rows.append(autoround_peer_row(sessions, model_dir, 4, 128, it, work, calib_npy, amp))
                     except RuntimeError as exc:
                         (results.parent / f"{args.name}.autoround.error.txt").write_text(str(exc) + "\n")
                         meta["notes"] += f"auto-round failed: {str(exc).splitlines()[-1]}\n"
                     write_results(results, meta, rows)
-                # SignRound alone (auto-round's recipe) and two restarts per block, beside the default
-                plain = (f"autoround:{b}:{g}:i{it}:r2", f"autoround:{b}:{g}:i{it}:plain") if b == 4 else ()
+                # float32 matmuls, SignRound alone (auto-round's recipe) and two restarts per block, beside the
+                # default
+                plain = tuple(f"autoround:{b}:{g}:i{it}:{f}" for f in ("fp32", "r2", "plain")) if b == 4 else ()
                 for cfg in (f"autoround:{b}:{g}:i{it}", *plain, f"gptq:{b}:{g}", f"rtn:{b}:{g}"):
                     calib = None if cfg.startswith("rtn") else calib_npy
                     rows.append(lowbit_row(sessions, model_dir, cfg, work, calib))

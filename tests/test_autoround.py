@@ -222,3 +222,27 @@ def test_fused_fake_quant_matches_autograd(grid: GridConfig, kernels: str) -> No
         assert fused.kernel(autoround.fake_quant_forward).compiled is not None  # it ran compiled, no fallback
     for ref, got in ((a_ref, a_fused), (b_ref, b_fused)):
         assert float((ref - got).abs().max()) <= 1e-5 * float(ref.abs().max()) and float(ref.abs().max()) > 0
+
+
+def test_massive_tokens_are_left_out_of_the_loss(block) -> None:
+    """A token whose target is a massive activation (norm over 10x the median) does not steer SignRound:
+    moving that target (keeping it massive) leaves every code as it was, while with the plain loss
+    (massive=None) the same move changes the codes."""
+    folder, w, x, rope = block
+    grid = GridConfig(4, 64, True)
+    target = decoder_layer(x, w, folder.spec, rope)
+    sink = target.clone()
+    sink[0, 0] *= 1000  # massive: far over 10x the median token norm
+    moved = sink.clone()
+    moved[0, 0] += 50 * torch.randn(moved.shape[-1], generator=torch.Generator().manual_seed(0))
+    weight = autoround._token_weights(sink, 10.0)
+    assert weight is not None and weight[0, 0] == 0 and int(weight.sum()) == weight.numel() - 1
+    assert autoround._token_weights(target, 10.0) is None or bool(autoround._token_weights(target, 10.0)[0, 0])
+
+    def codes(tgt, massive):
+        cfg = autoround.AutoRoundConfig(iters=6, batch=8, smooth=False, massive=massive)
+        qts = autoround.quantize_block(dict(w), x, folder.spec, rope, grid, cfg, tgt)
+        return torch.cat([qts[s].codes.flatten() for s in SHORTS])
+
+    assert torch.equal(codes(sink, 10.0), codes(moved, 10.0))
+    assert not torch.equal(codes(sink, None), codes(moved, None))
