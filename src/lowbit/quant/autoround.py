@@ -20,17 +20,27 @@ How lowbit runs it, and what differs from the auto-round package:
     block's quantized inputs) is folded into the block's norms and producers: the float function is
     unchanged, but the input channels the activations make salient get finer steps, which SignRound's
     offsets (half a step at most) and per-group clip ratios cannot give them.
+  * Massive activations are left out of the loss: tokens whose float output norm is over 10x the median
+    (the attention sink, from the middle layers on). The quantized inputs carry the error of every block
+    before, and on those tokens, hundreds of times larger than the rest, that inherited error is most of
+    the squared error a deep block sees (96% at SmolLM2's block 15); SignRound would spend its steps on it.
+  * Mixed precision: the block's matmuls run in bfloat16 (autocast; float32 accumulation) wherever the
+    hardware multiplies bfloat16 natively (AVX512-BF16/AMX CPUs, CUDA), as auto-round's own CPU default
+    does; the fake weights are computed in float32 and rounded once, the loss and targets stay float32.
+    Config flag `fp32` keeps float32. The fake quantization's element-wise forward and backward are fused by
+    torch.compile where it works (lowbit.quant.fused), eager otherwise.
   * SignRound's result depends on its mini-batch draws: on SmolLM2 W4G128 two seeds gave whole-model KLD
     0.138 and 0.145. With `restarts` = N (config flag rN) each block is learned N times (seeds seed,
     seed + 1000, ...) and the run whose best iterate has the lower output error over *all* calibration
     samples is kept: N times the time (so not the default), a lower error and less spread (r2: 0.132).
-  * `AutoRoundConfig.plain()` (config flag `plain`) is SignRound alone once, the auto-round package's
-    recipe. Measured on SmolLM2 at W4G128 (32 x 128 calibration tokens, 50 iterations, 16 x 512 held-out
-    tokens): benchmarks/results/methods_autoround.md. Refining the group scales by Adam after SignRound
-    (codes fixed) was tried: 0.96x KLD alone, nothing on top of equalization, twice the time; not kept.
-    A full batch of all 32 samples per step (1.07x), the best iterate chosen on all samples (1.02x wiki),
-    lr 0.03 / 0.015 / 0.01 (1.14x / 1.02x / 1.12x) and an importance-weighted clip search as the start
-    (1.04x wiki, 0.91x Botchan) were worse or mixed; lr 1 / iters stays.
+  * `AutoRoundConfig.plain()` (config flag `plain`) is SignRound alone once with the plain loss, the
+    auto-round package's recipe. Measured on SmolLM2 at W4G128 (32 x 128 calibration tokens, 50 iterations,
+    16 x 512 held-out tokens): benchmarks/results/methods_autoround.md. Tried and not kept: refining the
+    group scales by Adam after SignRound (codes fixed: 0.96x KLD alone, nothing on top of equalization,
+    twice the time); a full batch of all 32 samples per step (1.07x); the best iterate chosen on all samples
+    (1.02x wiki); lr 0.03 / 0.015 / 0.01 (1.14x / 1.02x / 1.12x); an importance-weighted clip search as the
+    start (1.04x wiki, 0.91x Botchan); GPTQ's codes (static groups, on the equalized block) as the start
+    offsets (1.25x wiki, 1.28x Botchan). lr 1 / iters stays.
 """
 
 from __future__ import annotations
