@@ -25,25 +25,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from calibrated import ensure_peer_venv  # noqa: E402
-from methods import write_calib  # noqa: E402
-from run import run_child  # noqa: E402
+from methods import run_autoround, run_lowbit, write_calib  # noqa: E402
 
 from lowbit.model.default import resolve_model  # noqa: E402
 
 
 def time_peer(model_dir: Path, calib_npy: Path, out: Path, iters: int) -> dict:
-    wall, rss = run_child(str(ensure_peer_venv("autoround")), HERE / "peers" / "autoround_quantize.py",
-                          ["--model", str(model_dir), "--calib-tokens", str(calib_npy), "--out", str(out),
-                           "--bits", "4", "--group-size", "128", "--iters", str(iters), "--amp"])
-    info = json.loads((out / "peer.json").read_text())
+    wall, rss, info = run_autoround(model_dir, calib_npy, out, 4, 128, iters, amp=True)
     return {"quantize_s": info["quantize_wall_s"], "process_s": round(wall, 1), "peak_rss_mib": round(rss, 1)}
 
 
 def time_lowbit(model_dir: Path, calib_npy: Path, out: Path, iters: int) -> dict:
-    wall, rss = run_child(sys.executable, HERE / "quantize_one.py",
-                          [str(model_dir), f"autoround:4:128:i{iters}", str(out), str(calib_npy)])
-    own = json.loads(Path(f"{out}.seconds.json").read_text())["quantize_s"]
+    wall, rss, own = run_lowbit(model_dir, f"autoround:4:128:i{iters}", out, calib_npy)
     return {"quantize_s": round(own, 1), "process_s": round(wall, 1), "peak_rss_mib": round(rss, 1)}
 
 

@@ -65,14 +65,19 @@ def score_all(sessions: dict, source, label: str, bpw: float, size: int, wall: f
     return row
 
 
+def run_lowbit(model_dir: Path, config: str, out: Path, calib_npy: Path | None = None) -> tuple[float, float, float]:
+    """lowbit quantizing alone in a child process: (process wall s, peak RSS MiB, its pipeline's own s)."""
+    wall, rss = run_child(sys.executable, HERE / "quantize_one.py",
+                          [str(model_dir), config, str(out)] + ([str(calib_npy)] if calib_npy else []))
+    return wall, rss, json.loads(Path(f"{out}.seconds.json").read_text())["quantize_s"]
+
+
 def lowbit_row(sessions: dict, model_dir: Path, config: str, work: Path, calib_npy: Path | None = None) -> dict:
     from lowbit.formats.lowbit_ckpt import LowbitCheckpoint
 
     out = work / config.replace(":", "_")
-    wall, rss = run_child(sys.executable, HERE / "quantize_one.py",
-                          [str(model_dir), config, str(out)] + ([str(calib_npy)] if calib_npy else []))
+    wall, rss, own = run_lowbit(model_dir, config, out, calib_npy)
     ck = LowbitCheckpoint(out)
-    own = json.loads(Path(f"{out}.seconds.json").read_text())["quantize_s"]
     return score_all(sessions, ck, f"lowbit {config}", ck.meta["stats"]["bpw"], ck.size_bytes(), own, rss,
                      tool="lowbit", process_s=round(wall, 1))
 
@@ -112,15 +117,21 @@ def bnb_peer_row(sessions: dict, model_dir: Path, kind: str, work: Path) -> dict
                      rss, tool="bitsandbytes", version=info["versions"]["bitsandbytes"], process_s=round(wall, 1))
 
 
-def autoround_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, iters: int, work: Path,
-                       calib_npy: Path, amp: bool) -> dict:
-    """auto-round in bfloat16 (`amp`: its CPU default) or float32."""
-    out = work / f"autoround-{bits}-{group}-i{iters}-{'bf16' if amp else 'fp32'}"
+def run_autoround(model_dir: Path, calib_npy: Path, out: Path, bits: int, group: int, iters: int,
+                  amp: bool) -> tuple[float, float, dict]:
+    """The auto-round package alone in its venv: (process wall s, peak RSS MiB, its peer.json)."""
     wall, rss = run_child(str(ensure_peer_venv("autoround")), HERE / "peers" / "autoround_quantize.py",
                           ["--model", str(model_dir), "--calib-tokens", str(calib_npy), "--out", str(out),
                            "--bits", str(bits), "--group-size", str(group), "--iters", str(iters)]
                           + (["--amp"] if amp else []))
-    info = json.loads((out / "peer.json").read_text())
+    return wall, rss, json.loads((out / "peer.json").read_text())
+
+
+def autoround_peer_row(sessions: dict, model_dir: Path, bits: int, group: int, iters: int, work: Path,
+                       calib_npy: Path, amp: bool) -> dict:
+    """auto-round in bfloat16 (`amp`: its CPU default) or float32."""
+    out = work / f"autoround-{bits}-{group}-i{iters}-{'bf16' if amp else 'fp32'}"
+    wall, rss, info = run_autoround(model_dir, calib_npy, out, bits, group, iters, amp)
     if info["unquantized_layers"]:
         raise RuntimeError(f"auto-round left decoder linears off its grid: {info['unquantized_layers'][:5]}")
     return score_all(sessions, FolderWeights(ModelFolder(out / "dequantized")),

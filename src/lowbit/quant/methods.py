@@ -4,7 +4,7 @@ A config string is `method:bits:group[:flag...]`, e.g. `rtn:4:128`,
 `rtn:3:64:asym` or `gptq:4:128:act`; group `ch` (or -1) means per channel.
 Flags: `sym` (default) / `asym`, for GPTQ `act` (act-order with g_idx)
 and `static` (act-order with static groups, no g_idx), for AutoRound `iN` (N iterations, e.g. `i200`), `rN`
-(learn each block N times with other seeds, keep the lowest calibration error; N times the time) and
+(learn each block N times with other seeds, keep the lowest calibration error; N times the time),
 `plain` (SignRound alone, as the auto-round package: no AWQ equalization first) and `fp32` (float32
 matmuls where the hardware has bfloat16 ones: AutoRound's default, like auto-round's on CPU, is bfloat16 there).
 """
