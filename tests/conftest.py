@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,43 @@ from lowbit.model.default import default_model_dir
 
 # Small but real: 4 windows of 256 tokens of held-out Wikipedia (1020 scored tokens).
 TEST_SETTINGS = EvalSettings(eval_text="wiki", ctx=256, windows=4)
+
+
+# Folders of session-scoped fixtures (tmp_path_factory.mktemp names): every other folder a test module's
+# fixtures make is deleted when that module is done. A session fixture missing from this list loses its
+# folder after its first module, and the next module that uses it fails loudly.
+SESSION_FOLDERS = ("smollm2-2layers", "ggml_blocks_synthetic", "ggml_blocks_real")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_module_folders(tmp_path_factory: pytest.TempPathFactory):
+    """Delete the folders a module's fixtures wrote once the module is done.
+
+    Why: kept to the end of the session they add up to about 16 GB (tmp_path's own folders, another 10 GB,
+    go as each test passes: tmp_path_retention_policy = "failed"), and CI's disk has run out at that.
+    Autouse, so pytest sets it up before the module's other module-scoped fixtures and tears it down after
+    them. A module that fails keeps its folders, to be looked at.
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    failed_before = _FAILED_TESTS[0]
+    yield
+    if _FAILED_TESTS[0] != failed_before:
+        return
+    for path in set(base.iterdir()) - before:
+        if path.is_dir() and not path.name.startswith(SESSION_FOLDERS):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_FAILED_TESTS = [0]  # failed setups, calls and teardowns so far in this session
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_TESTS[0] += 1
+    return report
 
 
 @pytest.fixture(scope="session")
