@@ -4,6 +4,7 @@ measured, decided, exported with their hand-off, reported; a second call resumes
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,6 +129,12 @@ def test_python_api_matches_the_cli(small_model_dir, run_dir, capsys):
     assert [(r["kld_mean"], r["ppl"]) for r in rows] == [(r["kld_mean"], r["ppl"]) for r in cli]
     th = res["settings"]["thresholds"]
     assert lowbit.decide(res["rows"], **th)["choice"] == res["verdict"]["choice"]
+    # lowbit.run with the CLI's settings is the same run (any difference in its key is refused): it resumes
+    again = lowbit.run(small_model_dir, run_dir, "llama.cpp", calib_samples=8, calib_seqlen=128, ctx=128, windows=2,
+                       tasks=["arc_easy"], limit=8, plan=True, max_ppl_rise=1000, ppl_jump=2000, max_task_drop=1)
+    assert again["verdict"] == res["verdict"]
+    assert [r["kld_mean"] for r in again["rows"]] == [r["kld_mean"] for r in res["rows"]]
+    assert Path(again["report"]["html"]).is_file()
 
 
 def test_vllm_target_exports_a_compressed_tensors_folder_transformers_loads(small_model_dir, tmp_path, capsys):

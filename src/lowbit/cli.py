@@ -68,30 +68,15 @@ def _use_device(device: str, offload: bool, trust: bool = False) -> None:
 
 def _calibration(model_dir: Path, calib_text, samples: int, seqlen: int, seed: int, mode: str):
     """Tokenize the calibration text into the sample matrix and log what was used."""
-    from lowbit.calib.dataset import CalibConfig, build_calibration
-    from lowbit.calib.text import resolve_text
-    from lowbit.eval.data import load_tokenizer
-    from lowbit.model.hf import ModelFolder
-    from lowbit.report.progress import info
+    from lowbit.api import calibration
 
-    cfg = CalibConfig(samples, seqlen, seed, mode)
-    max_ctx = ModelFolder(model_dir).spec.max_position_embeddings
-    calib = build_calibration(load_tokenizer(model_dir), resolve_text(calib_text, "wiki-calib"), cfg, max_ctx)
-    s = calib.summary
-    info(f"calibration: {s['samples']} samples x {s['seqlen']} tokens from {s['file']} "
-         f"({s['tokens']} tokens in {s['documents']} documents, {s['unused_tokens']} unused, seed {s['seed']})")
-    return calib
+    return calibration(model_dir, calib_text, samples, seqlen, seed, mode)
 
 
 def _settings(eval_text, ctx, windows, stride, tasks=None, limit=None):
-    from lowbit.eval.compare import EvalSettings
-    from lowbit.eval.tasks import parse_tasks
+    from lowbit.api import eval_settings
 
-    if windows < 1:
-        raise LowbitError(f"--windows {windows}: need at least 1 window")
-    if limit is not None and limit < 1:
-        raise LowbitError(f"--limit {limit}: need at least 1 question")
-    return EvalSettings(eval_text, ctx, windows, stride, tuple(parse_tasks(tasks)), limit)
+    return eval_settings(eval_text, ctx, windows, stride, tasks, limit)
 
 
 def _emit(rows, as_json: bool, title: str) -> None:
@@ -443,7 +428,7 @@ def compare(
     configs: str = typer.Option("rtn:4:128,rtn:3:128", "--configs",
                                 help="Comma-separated configs of any kind: method:bits:group[:flags] (a lowbit "
                                      "checkpoint), ...@compressed-tensors|gptq|awq (an HF export), "
-                                     "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq] (a GGUF), bnb:nf4|int8[:gptq] "
+                                     "gguf:TYPE[:rtn|imatrix|gptq|awq|awq-gptq|autoround|hqq] (a GGUF), bnb:nf4|int8[:gptq] "
                                      "(bitsandbytes), aqlm:2x8|1x16[:bBEAM][:rROUNDS] (AQLM)."),
     eval_text: Optional[str] = EvalTextOpt,
     calib_text: Optional[str] = CalibTextOpt,
@@ -518,7 +503,7 @@ def run(
                                         "skip)."),
     limit: Optional[int] = LimitOpt,
     method: str = typer.Option("gptq", "--method", help="GGUF target: the calibrated method beside imatrix "
-                               "(gptq, awq, awq-gptq)."),
+                               "(gptq, awq, awq-gptq, autoround)."),
     max_ppl_rise: float = typer.Option(0.10, "--max-ppl-rise", help="Relative PPL rise that still ships."),
     ppl_jump: float = typer.Option(0.25, "--ppl-jump", help="Relative PPL rise that means fix the calibration "
                                    "or the method."),
@@ -533,33 +518,20 @@ def run(
 ) -> None:
     """The whole job: calibrate, quantize the target's recommended candidates, measure, decide, export, report."""
     _use_device(device, offload_activations, trust_remote_code)
-    from lowbit.calib.text import check_disjoint
-    from lowbit.model.default import resolve_model
-    from lowbit.pipeline.decide import Thresholds
-    from lowbit.pipeline.run import RunConfig, run as run_job
+    from lowbit.api import run as run_job
     from lowbit.pipeline.verdict import print_verdict
     from lowbit.pipeline.decide import Verdict
-    from lowbit.report.run_report import write_report
 
-    check_disjoint(eval_text, calib_text)
-    task_list = None if tasks in (None, "", "none") else tasks
-    settings = _settings(eval_text, ctx, windows, None, task_list, limit)
-    if method not in ("gptq", "awq", "awq-gptq"):
-        raise LowbitError(f"--method {method!r}: choose gptq, awq or awq-gptq")
-    model_dir = resolve_model(model)
-    th = Thresholds(max_ppl_rise=max_ppl_rise, ppl_jump=ppl_jump, max_task_drop=max_task_drop)
-    cfg = RunConfig(model_dir, target, output, (calib_text, calib_samples, calib_seqlen, seed, calib_mode), settings,
-                    None if ood_text == "none" else ood_text, thresholds=th, method=method, plan=with_plan)
-    command = "lowbit run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else ""
-    results = run_job(cfg, lambda: _calibration(model_dir, calib_text, calib_samples, calib_seqlen, seed, calib_mode),
-                      overwrite, command)
-    _emit_rows(results["rows"], f"{model_dir.name} for {target}: candidates vs FP")
-    md, html = write_report(output)
+    results = run_job(model, output, target, method, calib_text, calib_samples, calib_seqlen, seed, calib_mode,
+                      eval_text, None if ood_text == "none" else ood_text, ctx, windows,
+                      None if tasks in (None, "", "none") else tasks, limit, with_plan, overwrite,
+                      max_ppl_rise=max_ppl_rise, ppl_jump=ppl_jump, max_task_drop=max_task_drop)
+    _emit_rows(results["rows"], f"{results['model_name']} for {target}: candidates vs FP")
     if results.get("verdict"):
         print_verdict(Verdict(**results["verdict"]))
     for e in results.get("exports", []):
         print(f"exported {output / e['path']}\n  serve: {e['serve']}")
-    print(f"report: {html}  ({md})  [{results['seconds']:.0f} s]")
+    print(f"report: {results['report']['html']}  ({results['report']['md']})  [{results['seconds']:.0f} s]")
 
 
 def _emit_rows(rows: list[dict], title: str) -> None:
@@ -627,7 +599,7 @@ def plan(
     model: Optional[str] = ModelArg,
     target: str = typer.Option("gguf", "--target", help="gguf (per-tensor llama.cpp types)."),
     method: str = typer.Option("imatrix", "--method", help="How the planned file is quantized: rtn, imatrix, gptq, "
-                               "awq or awq-gptq."),
+                               "awq, awq-gptq or autoround."),
     max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Budget: the smallest file whose held-out "
                                             "mean KLD is at most this."),
     size: Optional[str] = typer.Option(None, "--size", help="Budget: the lowest KLD within this many bytes "

@@ -5,6 +5,7 @@
     gguf:Q4_K_M                                   llama.cpp's mix and llama.cpp's own block search
     gguf:Q4_K_M:imatrix                           ... weighted by an importance matrix from the calibration text
     gguf:Q4_K_M:gptq  gguf:Q5_K_M:awq-gptq        ... each tensor landed on its block grid by a calibrated method
+    gguf:Q4_K_M:autoround  gguf:Q4_K_M:hqq        ... AutoRound's learned rounding; HQQ (no calibration)
     gguf:Q4_K_M:imatrix:plan                      lowbit plan's per-tensor mix at the Q4_K_M file's exact size
 
 Building a candidate writes the real file and returns its path and the
@@ -23,7 +24,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats.imatrix import Imatrix
 from lowbit.quant.methods import METHODS, QuantConfig, parse_config
 
-GGUF_CANDIDATE_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq")
+GGUF_CANDIDATE_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq", "autoround", "hqq")
+GGUF_UNCALIBRATED = ("rtn", "hqq")  # the GGUF methods that fit the weights alone
 HF_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
@@ -47,7 +49,9 @@ class Candidate:
             return True
         if self.kind == "aqlm":
             return True
-        if self.kind in ("gguf", "bnb"):
+        if self.kind == "gguf":
+            return self.method not in GGUF_UNCALIBRATED
+        if self.kind == "bnb":
             return self.method != "rtn"
         return METHODS[self.qcfg.method].needs_calibration
 
@@ -79,6 +83,7 @@ def parse_candidate(text: str) -> Candidate:
 
 
 def _parse_gguf(text: str) -> Candidate:
+    from lowbit.pipeline.plan import METHODS as PLAN_METHODS
     from lowbit.quant.gguf_mix import parse_file_type
 
     parts = text.split(":")
@@ -89,6 +94,9 @@ def _parse_gguf(text: str) -> Candidate:
     if method not in GGUF_CANDIDATE_METHODS:
         raise LowbitError(f"config {text!r}: unknown GGUF method {method!r}; use one of "
                           f"{', '.join(GGUF_CANDIDATE_METHODS)}")
+    if plan and method not in PLAN_METHODS:
+        raise LowbitError(f"config {text!r}: lowbit plan quantizes its mix with one of {', '.join(PLAN_METHODS)}, "
+                          f"not {method}; drop ':plan' or pick one of those")
     return Candidate(text, "gguf", file_type=parse_file_type(parts[1]), method=method, plan=plan)
 
 
@@ -166,7 +174,7 @@ def build_candidate(cand: Candidate, ctx: BuildContext, out: Path,
         method = "rtn" if cand.method == "imatrix" else cand.method
         gcfg = GGUFConfig(cand.file_type, method, True, ctx.damp)
         imat = ctx.imatrix() if cand.method == "imatrix" else None
-        quantize_to_gguf(ctx.model_dir, gcfg, out, overwrite=True, calib=ctx.calib if method != "rtn" else None,
+        quantize_to_gguf(ctx.model_dir, gcfg, out, overwrite=True, calib=ctx.calib if gcfg.needs_calibration else None,
                          imatrix=imat, after_layer=after_layer)
     elif cand.kind == "bnb":
         from lowbit.quant.bnb_pipeline import BnbConfig, quantize_to_bnb

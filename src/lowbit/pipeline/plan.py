@@ -24,7 +24,7 @@ from lowbit.model.hf import ModelFolder
 
 RECIPE_VERSION = 1
 MAX_ROUNDS = 3
-METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq")
+METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq", "autoround")
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ LADDERS: dict[str, list[list[str]]] = {
                      ["gptq:8:128@compressed-tensors"]],
 }
 BEST_GGUF_METHOD = "gptq"  # 0.70x llama.cpp+imatrix KLD at Q4_K_M for half of awq-gptq's time
+RUN_METHODS = ("gptq", "awq", "awq-gptq", "autoround")  # --method: the calibrated GGUF rung beside imatrix
 
 
 @dataclass(frozen=True)
