@@ -101,3 +101,43 @@ def test_autoround_gguf_runs_in_llamacpp(small_model_dir: Path, calib, tmp_path:
     assert kld < 1e-3
     quantize_to_gguf(small_model_dir, gcfg, tmp_path / "again.gguf", calib=calib)
     assert (tmp_path / "again.gguf").read_bytes() == out.read_bytes()
+
+
+@pytest.fixture(params=["compiled", "eager"])
+def kernels(request, monkeypatch):
+    """BlockFake's kernels as torch.compile fuses them, and as they run eagerly (LOWBIT_COMPILE=0)."""
+    from lowbit.quant import fused
+
+    monkeypatch.setenv("LOWBIT_COMPILE", "1" if request.param == "compiled" else "0")
+    monkeypatch.setattr(fused, "_KERNELS", {})
+    yield request.param
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "Q5_0", "Q2_K"])
+def test_fused_block_fake_matches_autograd(qtype: str, kernels: str) -> None:
+    """The fused forward/backward (BlockFake) against autograd through the op-by-op formulation (_codes): equal
+    fake weights and equal offset gradients, with codes clipped at both ends (offsets away from their start)
+    and a sub-block of zeros (its scale 0: dead codes, no gradient); the bfloat16 fake is the float32 one
+    rounded."""
+    from lowbit.quant import autoround_blocks, fused
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 512) * 0.05
+    w[3, 32:64] = 0
+    bt = block_type(qtype)
+    p = BlockGridParams(w, bt, bt.fit(w.numpy(), None))
+    with torch.no_grad():
+        p.v.uniform_(-0.5, 0.5)
+    upstream = torch.randn(8, 512)
+    results = []
+    for through_kernel in (False, True):
+        p.v.grad = None
+        y = p.fake() if through_kernel else p.scale * (p._codes() - bt.zero) + p.bias
+        (y * upstream).sum().backward()
+        results.append((y.detach().clone(), p.v.grad.clone()))
+    (y_ref, g_ref), (y_fused, g_fused) = results
+    assert torch.equal(y_ref, y_fused) and torch.equal(g_ref, g_fused)
+    assert bool((g_ref == 0).any()) and bool((g_ref != 0).any())
+    assert torch.equal(p.fake(torch.bfloat16), y_ref.to(torch.bfloat16))
+    if kernels == "compiled":
+        assert fused.kernel(autoround_blocks.block_fake_forward).compiled is not None  # ran compiled, no fallback

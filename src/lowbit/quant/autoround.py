@@ -261,7 +261,7 @@ def learn_block(w: dict[str, torch.Tensor], x: torch.Tensor, spec: ModelSpec, ro
         for it in range(acfg.iters):
             idx = torch.randperm(x.shape[0], generator=gen)[:acfg.batch]
             qw = {**fixed, **{s: p.fake(dtype) for s, p in params.items()}}
-            with _matmuls_in(dtype, x.device):
+            with _matmuls_in(dtype, x.device, x.shape[1]):
                 out = decoder_layer(x[idx], qw, spec, rope)
             loss = _block_loss(out.float(), target[idx], None if weight is None else weight[idx])
             if loss.item() < best_loss:
@@ -292,15 +292,19 @@ def _keep(tensors: list[torch.Tensor], into: list[torch.Tensor] | None) -> list[
     return into
 
 
-def _matmuls_in(dtype: torch.dtype, device: torch.device):
+MATH_ATTENTION_MAX_SEQ = 128
+
+
+def _matmuls_in(dtype: torch.dtype, device: torch.device, seqlen: int):
     """bfloat16 autocast for SignRound's forward (only the sign of each gradient is used, and the fake
-    weights are exact in float32 before the cast); on the CPU also the plain softmax attention: at these
-    short sequences the fused kernel's backward costs more than it saves (SmolLM2 block, 8 x 128 tokens,
-    2 cores: 0.053 s per iteration against 0.058 s)."""
+    weights are exact in float32 before the cast); on the CPU, for short samples, also the plain softmax
+    attention: there the fused kernel's backward costs more than it saves, and from 256 tokens on it is the
+    other way round (SmolLM2 block, batch 8, 2 cores, per iteration: 128 tokens 0.053 s plain against
+    0.058 s fused; 256 tokens, on K-quant grids, 0.120 s against 0.108 s)."""
     stack = contextlib.ExitStack()
     if dtype != torch.float32:
         stack.enter_context(torch.autocast(device.type, dtype=dtype))
-    if device.type == "cpu":
+    if device.type == "cpu" and seqlen <= MATH_ATTENTION_MAX_SEQ:
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lowbit.quant import fused
 from lowbit.quant.ggml_blocks import BlockType
 
 
@@ -48,13 +49,16 @@ class BlockGridParams:
         return [self.v]
 
     def _codes(self) -> torch.Tensor:
+        """The reference formulation (autograd through each op); `fake` runs the same maths fused."""
         t = self.base + self.v
         q = t + (torch.round(t) - t).detach()  # straight-through rounding
         q = torch.clamp(q, self.btype.qmin, self.btype.qmax)
         return torch.where(self.live, q, self.dead_codes)
 
     def fake(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.scale * (self._codes() - self.btype.zero) + self.bias).to(dtype)
+        bt = self.btype
+        return BlockFake.apply(self.base, self.v, self.scale, self.bias, self.dead_codes, self.live, bt.qmin, bt.qmax,
+                               bt.zero, dtype)
 
     def ranges(self, lo: float, hi: float) -> list[tuple[float, float]]:
         return [(-0.5, 0.5)]  # the offset only: the header fields stay llama.cpp's
@@ -63,3 +67,34 @@ class BlockGridParams:
     def raw(self) -> np.ndarray:
         """The GGUF rows: llama.cpp's header fields and the learned codes."""
         return self.btype.pack(self.fit, self._codes().to(torch.uint8).numpy())
+
+
+class BlockFake(torch.autograd.Function):
+    """scale * (code - zero) + bias, code = clamp(round(base + v)) with straight-through rounding, in one pass
+    each way: the values and gradient of autograd through `BlockGridParams._codes` (a test checks both), as
+    autoround.FakeQuant does for lowbit's own grids. d/dv = scale where the code is live and inside the clamp."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, dead: torch.Tensor,
+                live: torch.Tensor, qmin: int, qmax: int, zero: int, dtype: torch.dtype = torch.float32):
+        out, slope = fused.kernel(block_fake_forward)(base, v, scale, bias, dead, live, qmin, qmax, zero, dtype)
+        ctx.save_for_backward(slope)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slope,) = ctx.saved_tensors
+        return (None, fused.kernel(block_fake_backward)(grad, slope)) + (None,) * 8
+
+
+def block_fake_forward(base: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                       dead: torch.Tensor, live: torch.Tensor, qmin: int, qmax: int, zero: int, dtype: torch.dtype):
+    r = torch.round(base + v)
+    q = torch.where(live, r.clamp(qmin, qmax), dead)
+    out = (scale * (q - zero) + bias).to(dtype)
+    slope = torch.where(live & (r >= qmin) & (r <= qmax), scale, 0.0)
+    return out, slope
+
+
+def block_fake_backward(grad: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
+    return grad.float() * slope
