@@ -502,8 +502,8 @@ def run(
     tasks: Optional[str] = typer.Option("arc_easy,piqa", "--tasks", help="Tasks for the ship decision ('none' to "
                                         "skip)."),
     limit: Optional[int] = LimitOpt,
-    method: str = typer.Option("gptq", "--method", help="GGUF target: the calibrated method beside imatrix "
-                               "(gptq, awq, awq-gptq, autoround)."),
+    method: Optional[str] = typer.Option(None, "--method", help="GGUF target: the calibrated method beside "
+                                         "imatrix (gptq, the default; awq, awq-gptq, autoround)."),
     max_ppl_rise: float = typer.Option(0.10, "--max-ppl-rise", help="Relative PPL rise that still ships."),
     ppl_jump: float = typer.Option(0.25, "--ppl-jump", help="Relative PPL rise that means fix the calibration "
                                    "or the method."),
