@@ -444,7 +444,9 @@ def test_gguf_import_gives_back_the_model(models, ours_f16, eval_text, tmp_path:
 
 
 @pytest.mark.parametrize("fam,method", [("qwen2", "awq-gptq"),  # biases under AWQ's smoothing: default suite
+                                        ("qwen2", "autoround"),  # biases fixed under SignRound's block loss
                                         pytest.param("qwen3", "gptq", marks=pytest.mark.slow),
+                                        pytest.param("qwen3", "autoround", marks=pytest.mark.slow),
                                         pytest.param("llama3", "awq", marks=pytest.mark.slow)])
 def test_calibrated_gguf_of_new_families_runs_in_llamacpp(models, eval_text, tmp_path: Path, fam: str,
                                                           method: str) -> None:
@@ -462,7 +464,8 @@ def test_calibrated_gguf_of_new_families_runs_in_llamacpp(models, eval_text, tmp
     files = {}
     for m in ("rtn", method):
         files[m] = tmp_path / f"{m}.gguf"
-        quantize_to_gguf(models[fam], GGUFConfig("Q4_K_M", m), files[m], calib=calib if m != "rtn" else None)
+        gcfg = GGUFConfig("Q4_K_M", m, iters=10)  # iters: autoround only (a runtime check, not a quality one)
+        quantize_to_gguf(models[fam], gcfg, files[m], calib=calib if m != "rtn" else None)
     ids = _text_ids(models[fam], eval_text, 64)
     (kld_rtn, _), (kld, top1) = (llamacpp_vs_lowbit(files[m], ids) for m in ("rtn", method))
     assert kld <= max(1.5 * kld_rtn, 1e-4) and top1 > 0.95, (kld, kld_rtn, top1)
