@@ -25,7 +25,6 @@ from lowbit.formats.imatrix import Imatrix
 from lowbit.quant.methods import METHODS, QuantConfig, parse_config
 
 GGUF_CANDIDATE_METHODS = ("rtn", "imatrix", "gptq", "awq", "awq-gptq", "autoround", "hqq")
-GGUF_UNCALIBRATED = ("rtn", "hqq")  # the GGUF methods that fit the weights alone
 HF_FORMATS = ("compressed-tensors", "gptq", "awq")
 
 
@@ -50,7 +49,9 @@ class Candidate:
         if self.kind == "aqlm":
             return True
         if self.kind == "gguf":
-            return self.method not in GGUF_UNCALIBRATED
+            from lowbit.quant.gguf_pipeline import NO_CALIBRATION
+
+            return self.method not in NO_CALIBRATION
         if self.kind == "bnb":
             return self.method != "rtn"
         return METHODS[self.qcfg.method].needs_calibration
